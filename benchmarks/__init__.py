@@ -1,0 +1,1 @@
+"""Benchmarks for safegrad_kernels (not part of the installed package)."""

@@ -1,0 +1,489 @@
+"""Time and peak memory of one optimizer step: sft, mixed, safegrad, spf and the authors' style.
+
+    python -m benchmarks.bench_step                 # demo + cpu-large configs (~5 min)
+    python -m benchmarks.bench_step --configs demo --steps 5
+    python -m benchmarks.bench_step --tiny --no-save   # seconds; what the smoke test runs
+
+Each (config, method) runs in a fresh subprocess so that its peak resident set size
+(``VmHWM`` from ``/proc/self/status``) belongs to that configuration alone: Python's
+``tracemalloc`` does not see torch's allocations and torch has no CPU allocator
+statistics. We report the peak, and the peak above the process's RSS right after the
+model, optimizer and batches were built (``peak - base``), which is where the methods
+differ.
+
+Model: a randomly initialised ``LlamaForCausalLM`` with PEFT LoRA r=8 (alpha 16, dropout
+0) on every linear layer; the LoRA B factors start at small random values (not zero), so
+the model differs from its reference and the alignment gradient is not zero. Batches:
+random tokens, the first half of each row a prompt (label -100), the rest the response.
+
+Methods (the library path, as ``safegrad_kernels.demo.train`` drives it, minus caching):
+
+``sft``       task cross-entropy forward/backward, AdamW.
+``mixed``     + alignment KL(P_ref || P_theta) with weight 1 (reference logits from the
+              same PeftModel with its adapters disabled), both gradients summed.
+``safegrad``  the alignment backward inside ``SafeGrad.reference()``, then ``step()``.
+``spf``       SPF rank 4, basis refreshed every 10 steps from a safety cross-entropy
+              (the reference passes run only on refresh steps; times are means per step).
+``authors``   a reimplementation of the public SafeGrad trainer's step: a deep-copied
+              second full model as P_ref, ``F.kl_div`` on fp32 log-softmax/softmax over
+              all positions, ``g_u``/``g_a`` cloned per parameter, flattened with
+              ``torch.cat``, a host ``if dot < 0``, and ``p.grad = g_u - s g_a + rho g_a``.
+
+Phases are timed with ``time.perf_counter`` (CPU: every op is synchronous).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import REPO_ROOT, RESULTS_DIR, provenance
+
+METHODS = ("sft", "mixed", "safegrad", "spf", "authors")
+PHASES = ("task_fwd", "task_bwd", "ref_fwd", "align_fwd", "align_bwd", "surgery", "optimizer")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# name -> (LlamaConfig kwargs, batch size, sequence length)
+CONFIGS: dict[str, tuple[dict, int, int]] = {
+    # The demo's model (safegrad_kernels.demo), batch and length as the demo trains.
+    "demo": (
+        dict(
+            vocab_size=200,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        ),
+        16,
+        32,
+    ),
+    # A larger model that still steps in about a second on 2 cores: 29M parameters,
+    # 0.6M LoRA parameters.
+    "cpu-large": (
+        dict(
+            vocab_size=4000,
+            hidden_size=512,
+            intermediate_size=1376,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            max_position_embeddings=256,
+        ),
+        4,
+        128,
+    ),
+    # For the smoke test only.
+    "tiny": (
+        dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+        ),
+        2,
+        16,
+    ),
+}
+
+
+def _vm_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _batch(vocab: int, bsz: int, seq: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (bsz, seq), generator=gen)
+    labels = ids.clone()
+    labels[:, : seq // 2] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+    )
+
+
+def worker(config: str, method: str, steps: int, warmup: int, seed: int) -> dict:
+    """One (config, method) in this process: per-phase mean seconds, and memory."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from safegrad_kernels.integrations.peft import lora_parameters
+    from safegrad_kernels.losses import kl_alignment_loss, reference_logits
+    from safegrad_kernels.surgery import SPF, SafeGrad
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg_kwargs, bsz, seq = CONFIGS[config]
+    base = LlamaForCausalLM(LlamaConfig(**cfg_kwargs))
+    ref_model = None
+    if method == "authors":
+        # The public trainer loads P_ref as a second full model; a deep copy of the
+        # base weights is the same memory.
+        ref_model = copy.deepcopy(base).eval()
+        for p in ref_model.parameters():
+            p.requires_grad_(False)
+    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS))
+    model = get_peft_model(base, lcfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    params = lora_parameters(model)
+    n_lora = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = cfg_kwargs["vocab_size"]
+    user = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
+    align = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
+
+    surgeon = None
+    if method == "safegrad":
+        surgeon = SafeGrad(params, rho=1.0)
+    elif method == "spf":
+        surgeon = SPF(params, rank=4, refresh_every=10, mode="conflicting")
+
+    model.train()
+    base_rss = _vm_kib("VmRSS")
+    times = {p: [] for p in PHASES}
+    totals = []
+    t = time.perf_counter
+
+    def model_inputs(b: dict) -> dict:
+        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+    for step in range(warmup + steps):
+        ub, ab = user[step % 4], align[step % 4]
+        ph = dict.fromkeys(PHASES, 0.0)
+        t_step = t()
+        if method == "authors":
+            # -- task gradient, cloned
+            s0 = t()
+            loss_u = _response_ce(model(**model_inputs(ub)).logits, ub["labels"])
+            ph["task_fwd"] = t() - s0
+            s0 = t()
+            loss_u.backward()
+            ph["task_bwd"] = t() - s0
+            s0 = t()
+            g_u = [p.grad.clone() for p in params]
+            opt.zero_grad(set_to_none=True)
+            ph["surgery"] += t() - s0
+            # -- alignment gradient against the second model
+            s0 = t()
+            with torch.no_grad():
+                ref = ref_model(**model_inputs(ab)).logits
+            ph["ref_fwd"] = t() - s0
+            s0 = t()
+            logits = model(**model_inputs(ab)).logits
+            n_resp = (ab["labels"] != -100).sum()
+            loss_a = (
+                F.kl_div(
+                    F.log_softmax(logits.float(), -1), F.softmax(ref.float(), -1), reduction="sum"
+                )
+                / n_resp
+            )
+            ph["align_fwd"] = t() - s0
+            s0 = t()
+            loss_a.backward()
+            ph["align_bwd"] = t() - s0
+            # -- surgery: clones, flatten, host branch, new gradients
+            s0 = t()
+            g_a = [p.grad.clone() for p in params]
+            fu = torch.cat([g.reshape(-1).float() for g in g_u])
+            fa = torch.cat([g.reshape(-1).float() for g in g_a])
+            dot, nsq = torch.dot(fu, fa), torch.dot(fa, fa)
+            s = (dot / nsq).item() if (dot < 0 and nsq > 1e-9) else 0.0
+            for p, gu, ga in zip(params, g_u, g_a):
+                p.grad = gu - s * ga + 1.0 * ga
+            del g_u, g_a, fu, fa
+            ph["surgery"] += t() - s0
+        else:
+            need_align = method in ("mixed", "safegrad") or (
+                method == "spf" and surgeon.wants_reference
+            )
+            if need_align:
+                s0 = t()
+                ref = reference_logits(model, model_inputs(ab)) if method != "spf" else None
+                ph["ref_fwd"] = t() - s0
+                ctx = surgeon.reference() if surgeon is not None else _null()
+                with ctx:
+                    s0 = t()
+                    logits = model(**model_inputs(ab)).logits
+                    if method == "spf":
+                        loss_a = _response_ce(logits, ab["labels"])
+                    else:
+                        loss_a = kl_alignment_loss(logits, ref, ab["labels"])
+                    ph["align_fwd"] = t() - s0
+                    s0 = t()
+                    loss_a.backward()
+                    ph["align_bwd"] = t() - s0
+            s0 = t()
+            loss_u = _response_ce(model(**model_inputs(ub)).logits, ub["labels"])
+            ph["task_fwd"] = t() - s0
+            s0 = t()
+            loss_u.backward()
+            ph["task_bwd"] = t() - s0
+            if surgeon is not None:
+                s0 = t()
+                surgeon.step()
+                ph["surgery"] = t() - s0
+        s0 = t()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ph["optimizer"] = t() - s0
+        total = t() - t_step
+        if step >= warmup:
+            for k in PHASES:
+                times[k].append(ph[k])
+            totals.append(total)
+    return {
+        "config": config,
+        "method": method,
+        "lora_params": n_lora,
+        "model_params": sum(p.numel() for p in base.parameters()),
+        "steps": steps,
+        "phases_ms": {k: 1e3 * statistics.fmean(v) for k, v in times.items()},
+        "step_ms_mean": 1e3 * statistics.fmean(totals),
+        "step_ms_median": 1e3 * statistics.median(totals),
+        "base_rss_mib": base_rss / 1024,
+        "peak_rss_mib": _vm_kib("VmHWM") / 1024,
+    }
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_one(config: str, method: str, steps: int, warmup: int, seed: int) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_step",
+        "--worker",
+        "--configs",
+        config,
+        "--methods",
+        method,
+        "--steps",
+        str(steps),
+        "--warmup",
+        str(warmup),
+        "--seed",
+        str(seed),
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{config}/{method} failed:\n{out.stderr[-3000:]}")
+    for line in reversed(out.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"{config}/{method}: no result line in:\n{out.stdout[-2000:]}")
+
+
+def table(results: Sequence[dict]) -> list[str]:
+    head = [
+        "method",
+        "step ms",
+        *[p.replace("_", " ") for p in PHASES],
+        "surgery %",
+        "peak MiB",
+        "peak-base MiB",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        ph = r["phases_ms"]
+        share = 100 * ph["surgery"] / r["step_ms_mean"]
+        cells = [
+            r["method"],
+            f"{r['step_ms_mean']:.1f}",
+            *[f"{ph[p]:.2f}" for p in PHASES],
+            f"{share:.2f}",
+            f"{r['peak_rss_mib']:.0f}",
+            f"{r['peak_rss_mib'] - r['base_rss_mib']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdicts(results: Sequence[dict]) -> list[str]:
+    by = {r["method"]: r for r in results}
+    out = []
+    if "safegrad" in by:
+        r = by["safegrad"]
+        share = 100 * r["phases_ms"]["surgery"] / r["step_ms_mean"]
+        out.append(
+            f"surgery share of a SafeGrad step: {share:.2f}% (target < 2%: "
+            f"{'MET' if share < 2 else 'NOT MET'})"
+        )
+    if "safegrad" in by and "authors" in by:
+        a, s = by["authors"], by["safegrad"]
+        da = a["peak_rss_mib"] - a["base_rss_mib"]
+        ds = s["peak_rss_mib"] - s["base_rss_mib"]
+        out.append(
+            f"peak RSS: safegrad {s['peak_rss_mib']:.0f} MiB vs authors' style "
+            f"{a['peak_rss_mib']:.0f} MiB ({s['peak_rss_mib'] - a['peak_rss_mib']:+.0f} MiB; "
+            f"above base {ds:.0f} vs {da:.0f} MiB; target: clearly below: "
+            f"{'MET' if s['peak_rss_mib'] < a['peak_rss_mib'] - 0.05 * da else 'NOT MET'})"
+        )
+        out.append(
+            f"step time: safegrad {s['step_ms_mean']:.1f} ms vs authors' style "
+            f"{a['step_ms_mean']:.1f} ms ({a['step_ms_mean'] / s['step_ms_mean']:.2f}x)"
+        )
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="demo,cpu-large")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="tiny config, 2 steps (smoke test)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--csv", default=str(RESULTS_DIR / "step.csv"))
+    p.add_argument("--md", default=str(RESULTS_DIR / "step.md"))
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.configs, args.steps, args.warmup = "tiny", 2, 1
+    configs = [c for c in args.configs.split(",") if c]
+    methods = [m for m in args.methods.split(",") if m]
+    if args.worker:
+        torch.set_num_threads(
+            int(os.environ.get("SAFEGRAD_BENCH_THREADS", torch.get_num_threads()))
+        )
+        print(json.dumps(worker(configs[0], methods[0], args.steps, args.warmup, args.seed)))
+        return []
+
+    prov = provenance(torch.device("cpu"))
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"# {prov['machine']} | {prov['cores']} cores | torch {prov['torch']} | "
+        f"commit {prov['commit']} | {prov['date']} | load {load}"
+    )
+    all_results, md = (
+        [],
+        [
+            "# bench_step results",
+            "",
+            f"- machine: {prov['machine']} ({prov['cores']} cores), torch {prov['torch']}, "
+            f"commit {prov['commit']}, date {prov['date']}, load average at start {load}",
+            f"- command: `python -m benchmarks.bench_step {' '.join(argv if argv is not None else sys.argv[1:])}`",
+            f"- {args.steps} timed steps after {args.warmup} warm-up steps; phase times are means "
+            "per step in ms; peak = VmHWM of a fresh process per row; base = RSS after building "
+            "model, optimizer and batches",
+            "",
+        ],
+    )
+    for config in configs:
+        results = []
+        for method in methods:
+            t0 = time.perf_counter()
+            r = run_one(config, method, args.steps, args.warmup, args.seed)
+            r["wall_s"] = time.perf_counter() - t0
+            results.append(r)
+            print(f"# {config}/{method}: {r['step_ms_mean']:.1f} ms/step ({r['wall_s']:.0f} s)")
+        r0 = results[0]
+        cfg_kwargs, bsz, seq = CONFIGS[config]
+        title = (
+            f"{config}: hidden {cfg_kwargs['hidden_size']}, {cfg_kwargs['num_hidden_layers']} "
+            f"layers, {r0['model_params'] / 1e6:.1f}M params, LoRA r=8 all linear "
+            f"{r0['lora_params'] / 1e3:.0f}k params, batch {bsz} x {seq} tokens"
+        )
+        lines = table(results)
+        print(f"\n## {title}\n")
+        print("\n".join(lines))
+        for v in verdicts(results):
+            print(f"# {v}")
+        md += [f"## {title}", "", *lines, "", *[f"- {v}" for v in verdicts(results)], ""]
+        all_results.extend(results)
+    if not args.no_save:
+        path = Path(args.csv)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.exists()
+        fields = [
+            "date",
+            "commit",
+            "machine",
+            "cores",
+            "torch",
+            "loadavg",
+            "config",
+            "method",
+            "model_params",
+            "lora_params",
+            "steps",
+            "step_ms_mean",
+            "step_ms_median",
+            *[f"{p}_ms" for p in PHASES],
+            "base_rss_mib",
+            "peak_rss_mib",
+        ]
+        with path.open("a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            if new:
+                w.writeheader()
+            for r in all_results:
+                w.writerow(
+                    {
+                        "date": prov["date"],
+                        "commit": prov["commit"],
+                        "machine": prov["machine"],
+                        "cores": prov["cores"],
+                        "torch": prov["torch"],
+                        "loadavg": load,
+                        **{
+                            k: r[k]
+                            for k in ("config", "method", "model_params", "lora_params", "steps")
+                        },
+                        "step_ms_mean": f"{r['step_ms_mean']:.3f}",
+                        "step_ms_median": f"{r['step_ms_median']:.3f}",
+                        **{f"{p}_ms": f"{r['phases_ms'][p]:.4f}" for p in PHASES},
+                        "base_rss_mib": f"{r['base_rss_mib']:.1f}",
+                        "peak_rss_mib": f"{r['peak_rss_mib']:.1f}",
+                    }
+                )
+        Path(args.md).write_text("\n".join(md) + "\n")
+        print(f"# appended {len(all_results)} rows to {args.csv}; tables in {args.md}")
+    return all_results
+
+
+if __name__ == "__main__":
+    main()

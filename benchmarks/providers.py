@@ -1,0 +1,457 @@
+"""The ways to compute each op that the benchmarks put side by side.
+
+Every provider computes the same quantity as the library op (``bench_ops --check`` compares
+them against a float64 reference before timing). Providers:
+
+``<backend>``  the library op with ``backend=`` that name (cpp, triton, torch).
+``loop``       the authors'-style per-parameter loop: fp32 products summed tensor by
+               tensor, a Python ``if dot < 0`` on the result (a host sync), then a new
+               ``g - s r + rho r`` per tensor written back. This mirrors the public
+               SafeGrad trainer's ``training_step`` (which also clones every gradient
+               first; the clones are not counted here).
+``cat``        flatten with ``torch.cat`` as public PCGrad implementations do: one fp32
+               vector per list, ``torch.dot``, a host branch, then split and copy back.
+``eager``      the fastest eager torch over the same list that we could write with the
+               same contract (fp32 sums, coefficient kept on the device): per-tensor
+               BLAS dots, ``torch._foreach_norm`` and one ``addcmul_`` per tensor. The
+               choices were measured (W1, fp32, 2 threads): ``_foreach_add_(g,
+               _foreach_mul(r, a))`` 95 ms vs 26 ms for ``addcmul_`` per tensor;
+               ``_foreach_mul`` + sum 106 ms vs 18-25 ms for per-tensor ``torch.dot``.
+``flat``       torch on ONE pre-flattened contiguous buffer per list (``dot``, norm,
+               ``addcmul_``): what a library with no multi-tensor problem would do; the
+               flattening itself is not timed.
+``flat-gemm``  (pair ops) ``g`` and ``r`` as the two rows of one ``[2, N]`` buffer, all
+               three sums from one ``X @ X.T``: a single read, like the fused kernels.
+``torchjd``    (pcgrad) torchjd's ``PCGrad`` aggregator on the pre-flattened ``[m, N]``
+               Jacobian, if torchjd is importable.
+
+bf16 notes: torch's CPU ``torch.dot`` on bf16 both rounds its result to bf16 and runs
+far slower than fp32 (174 ms vs 12 ms for 40M elements here), so the fp32-accurate eager
+and flat providers upcast (``.float()``) or use ``vector_norm(dtype=float32)``. ``gemm``
+forms on bf16 (oneDNN) accumulate in fp32 and round the m x m result to bf16 (relative
+error ~2^-9), which we accept for those providers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .harness import Candidate
+
+EPS = 1e-12  # the op's default; the authors use 1e-9, irrelevant for these data
+
+
+# --------------------------------------------------------------------------- shared state
+
+
+@dataclass
+class PairData:
+    """Everything the pair ops (dot_norms, project_conflicting_) need, built once per case."""
+
+    grads: list[Tensor]
+    refs: list[Tensor]
+    pristine: Tensor  # flat copy of the original grads, for resets
+    g_flat: Tensor
+    r_flat: Tensor
+    x2: Tensor | None  # [2, N]: g and r as rows (flat-gemm provider), or None
+
+    def restore_lists(self) -> None:
+        views = _split_views(self.pristine, self.grads)
+        torch._foreach_copy_(self.grads, views)
+
+    def restore_flat(self) -> None:
+        self.g_flat.copy_(self.pristine)
+
+    def restore_x2(self) -> None:
+        assert self.x2 is not None
+        self.x2[0].copy_(self.pristine)
+
+
+@dataclass
+class TaskData:
+    """m task-gradient lists (gram, pcgrad_); ``lists[0]`` is the written output."""
+
+    lists: list[list[Tensor]]
+    pristine0: Tensor  # flat copy of lists[0]
+    x: Tensor  # [m, N] pre-flattened
+    out_flat: Tensor  # [N]
+    order: Tensor  # [m, m] int64, row i = 0..m-1 (fixed, so every provider agrees)
+
+    def restore_lists(self) -> None:
+        torch._foreach_copy_(self.lists[0], _split_views(self.pristine0, self.lists[0]))
+
+
+def _split_views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    out, off = [], 0
+    for t in like:
+        out.append(flat[off : off + t.numel()].view(t.shape))
+        off += t.numel()
+    return out
+
+
+def _f32(t: Tensor) -> Tensor:
+    return t.reshape(-1).float()
+
+
+# --------------------------------------------------------------------------- dot_norms
+
+
+def dot_norms_loop(grads: Sequence[Tensor], refs: Sequence[Tensor]) -> Tensor:
+    dev = grads[0].device
+    dot = torch.zeros((), device=dev)
+    rr = torch.zeros((), device=dev)
+    gg = torch.zeros((), device=dev)
+    for g, r in zip(grads, refs):
+        g32, r32 = g.float(), r.float()
+        dot += (g32 * r32).sum()
+        rr += (r32 * r32).sum()
+        gg += (g32 * g32).sum()
+    return torch.stack([dot, rr, gg])
+
+
+def dot_norms_cat(grads: Sequence[Tensor], refs: Sequence[Tensor]) -> Tensor:
+    gf = torch.cat([_f32(g) for g in grads])
+    rf = torch.cat([_f32(r) for r in refs])
+    return torch.stack([torch.dot(gf, rf), torch.dot(rf, rf), torch.dot(gf, gf)])
+
+
+def _dots_eager(grads: Sequence[Tensor], refs: Sequence[Tensor]) -> Tensor:
+    if grads[0].dtype == torch.float32:
+        parts = [torch.dot(g.view(-1), r.view(-1)) for g, r in zip(grads, refs)]
+    else:
+        parts = [torch.dot(_f32(g), _f32(r)) for g, r in zip(grads, refs)]
+    return torch.stack(parts).sum()
+
+
+def _sq_norm_eager(tensors: Sequence[Tensor]) -> Tensor:
+    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+    return torch.stack(norms).square().sum()
+
+
+def dot_norms_eager(grads: Sequence[Tensor], refs: Sequence[Tensor]) -> Tensor:
+    return torch.stack([_dots_eager(grads, refs), _sq_norm_eager(refs), _sq_norm_eager(grads)])
+
+
+def _flat_sums(g: Tensor, r: Tensor) -> Tensor:
+    if g.dtype == torch.float32:
+        return torch.stack([torch.dot(g, r), torch.dot(r, r), torch.dot(g, g)])
+    dot = torch.dot(g.float(), r.float())
+    rr = torch.linalg.vector_norm(r, dtype=torch.float32).square()
+    gg = torch.linalg.vector_norm(g, dtype=torch.float32).square()
+    return torch.stack([dot, rr, gg])
+
+
+def _gemm_sums(x2: Tensor) -> Tensor:
+    gram2 = (x2 @ x2.T).float()
+    return torch.stack([gram2[0, 1], gram2[1, 1], gram2[0, 0]])
+
+
+# --------------------------------------------------------------------------- project_conflicting_
+
+
+def _coef_on_device(sums: Tensor, rho: float) -> tuple[Tensor, Tensor]:
+    dot, rr = sums[0], sums[1]
+    conflict = (dot < 0) & (rr > EPS)
+    c = torch.where(conflict, dot / torch.where(conflict, rr, 1.0), 0.0)
+    return c, rho - c
+
+
+def project_loop(grads: Sequence[Tensor], refs: Sequence[Tensor], rho: float) -> Tensor:
+    dev = grads[0].device
+    dot = torch.zeros((), device=dev)
+    rr = torch.zeros((), device=dev)
+    for g, r in zip(grads, refs):
+        g32, r32 = g.float(), r.float()
+        dot += (g32 * r32).sum()
+        rr += (r32 * r32).sum()
+    s = dot / rr if (dot < 0 and rr > EPS) else 0.0  # the host branch (a sync on GPUs)
+    for g, r in zip(grads, refs):
+        r32 = r.float()
+        g.copy_(g.float() - s * r32 + rho * r32)
+    return torch.stack([dot, rr, torch.as_tensor(s, device=dev)])
+
+
+def project_cat(grads: Sequence[Tensor], refs: Sequence[Tensor], rho: float) -> Tensor:
+    gf = torch.cat([_f32(g) for g in grads])
+    rf = torch.cat([_f32(r) for r in refs])
+    dot, rr = torch.dot(gf, rf), torch.dot(rf, rf)
+    if dot < 0 and rr > EPS:  # host branch, as in public PCGrad code
+        gf -= dot / rr * rf
+    if rho:
+        gf += rho * rf
+    torch._foreach_copy_(list(grads), _split_views(gf, grads))
+    return torch.stack([dot, rr])
+
+
+def project_eager(grads: Sequence[Tensor], refs: Sequence[Tensor], rho: float) -> Tensor:
+    sums = dot_norms_eager(grads, refs)
+    c, a = _coef_on_device(sums, rho)
+    for g, r in zip(grads, refs):
+        g.addcmul_(r, a)
+    return torch.cat([sums, c.view(1)])
+
+
+def project_flat(g: Tensor, r: Tensor, rho: float) -> Tensor:
+    sums = _flat_sums(g, r)
+    c, a = _coef_on_device(sums, rho)
+    g.addcmul_(r, a)
+    return torch.cat([sums, c.view(1)])
+
+
+def project_flat_gemm(x2: Tensor, rho: float) -> Tensor:
+    sums = _gemm_sums(x2)
+    c, a = _coef_on_device(sums, rho)
+    x2[0].addcmul_(x2[1], a)
+    return torch.cat([sums, c.view(1)])
+
+
+# --------------------------------------------------------------------------- gram / pcgrad
+
+
+def gram_loop(lists: Sequence[Sequence[Tensor]]) -> Tensor:
+    m = len(lists)
+    out = torch.zeros(m, m, device=lists[0][0].device)
+    for i in range(m):
+        for j in range(i, m):
+            acc = torch.zeros((), device=out.device)
+            for a, b in zip(lists[i], lists[j]):
+                acc += (a.float() * b.float()).sum()
+            out[i, j] = acc
+            out[j, i] = acc
+    return out
+
+
+def gram_cat(lists: Sequence[Sequence[Tensor]]) -> Tensor:
+    flat = torch.stack([torch.cat([_f32(t) for t in lst]) for lst in lists])
+    return flat @ flat.T
+
+
+def gram_eager(lists: Sequence[Sequence[Tensor]]) -> Tensor:
+    m = len(lists)
+    dev = lists[0][0].device
+    acc = torch.zeros(m, m, device=dev)
+    for ts in zip(*lists):
+        x = torch.stack([t.reshape(-1) for t in ts])
+        if x.dtype != torch.float32:
+            x = x.float()
+        acc += x @ x.T
+    return acc
+
+
+def gram_flat(x: Tensor) -> Tensor:
+    return (x @ x.T).float()
+
+
+def pcgrad_weights_host(gram_matrix: Tensor, order: Tensor) -> list[float]:
+    """PCGrad's aggregate weights from the Gram matrix, on the host (float64).
+
+    ``g_i^PC = sum_k C[i, k] g_k``; the aggregate is ``sum_i g_i^PC = (sum_i C[i]) . g``.
+    """
+    g = gram_matrix.double().cpu()
+    m = g.shape[0]
+    total = torch.zeros(m, dtype=torch.float64)
+    for i in range(m):
+        coef = torch.zeros(m, dtype=torch.float64)
+        coef[i] = 1.0
+        for j in order[i].tolist():
+            if j == i:
+                continue
+            dot = float(coef @ g[j])
+            if dot < 0 and g[j, j] > 0:
+                coef[j] -= dot / float(g[j, j])
+        total += coef
+    return total.tolist()
+
+
+def pcgrad_loop(lists: Sequence[Sequence[Tensor]], order: Tensor) -> None:
+    """Per-parameter PCGrad with a host branch per pair (the SafeGrad trainer's style)."""
+    m = len(lists)
+    originals = [[t.float() for t in lst] for lst in lists]
+    projected = [[t.clone() for t in lst] for lst in originals]
+    sq = []
+    for j in range(m):
+        acc = torch.zeros((), device=lists[0][0].device)
+        for t in originals[j]:
+            acc += (t * t).sum()
+        sq.append(acc)
+    for i in range(m):
+        for j in order[i].tolist():
+            if j == i:
+                continue
+            dot = torch.zeros((), device=sq[0].device)
+            for a, b in zip(projected[i], originals[j]):
+                dot += (a * b).sum()
+            if dot < 0:  # host branch
+                s = dot / sq[j]
+                for a, b in zip(projected[i], originals[j]):
+                    a.sub_(s * b)
+    for k, out in enumerate(lists[0]):
+        total = projected[0][k]
+        for i in range(1, m):
+            total = total + projected[i][k]
+        out.copy_(total)
+
+
+def pcgrad_cat(lists: Sequence[Sequence[Tensor]], order: Tensor) -> None:
+    """Public-PCGrad style: flatten every task, project copies with host branches, sum."""
+    grads = [torch.cat([_f32(t) for t in lst]) for lst in lists]
+    pc = [g.clone() for g in grads]
+    for i, g_i in enumerate(pc):
+        for j in order[i].tolist():
+            if j == i:
+                continue
+            g_j = grads[j]
+            dot = torch.dot(g_i, g_j)
+            if dot < 0:
+                g_i -= dot * g_j / g_j.norm() ** 2
+    merged = torch.stack(pc).sum(0)
+    torch._foreach_copy_(list(lists[0]), _split_views(merged, lists[0]))
+
+
+def pcgrad_eager(lists: Sequence[Sequence[Tensor]], order: Tensor) -> None:
+    """Gram trick in eager torch: gram, m x m weights on the host (one sync), foreach combine."""
+    w = pcgrad_weights_host(gram_eager(lists), order)
+    out = list(lists[0])
+    if out[0].dtype == torch.float32:
+        torch._foreach_mul_(out, w[0])
+        for j in range(1, len(lists)):
+            torch._foreach_add_(out, list(lists[j]), alpha=w[j])
+        return
+    # Half types: accumulate in fp32 and round once (m in-place bf16 updates would round
+    # m times: 4-5x the error of the fused op at m = 4).
+    for i, o in enumerate(out):
+        acc = o.float() * w[0]
+        for j in range(1, len(lists)):
+            acc.add_(lists[j][i].float(), alpha=w[j])
+        o.copy_(acc)
+
+
+def pcgrad_flat(x: Tensor, out: Tensor, order: Tensor) -> None:
+    w = pcgrad_weights_host(gram_flat(x), order)
+    weights = torch.tensor(w, dtype=x.dtype, device=x.device)
+    torch.mm(weights.view(1, -1), x, out=out.view(1, -1))
+
+
+def torchjd_pcgrad() -> Callable[[Tensor], Tensor] | None:
+    """torchjd's PCGrad aggregator (``[m, N]`` matrix -> ``[N]``), or None if not installed."""
+    try:
+        from torchjd.aggregation import PCGrad
+    except Exception:
+        return None
+    return PCGrad()
+
+
+def torchjd_version() -> str | None:
+    try:
+        import torchjd
+    except Exception:
+        return None
+    return getattr(torchjd, "__version__", "?")
+
+
+# --------------------------------------------------------------------------- candidate lists
+
+
+def _lib():
+    import safegrad_kernels
+
+    return safegrad_kernels
+
+
+def _pcgrad_op():
+    sgk = _lib()
+    if hasattr(sgk, "pcgrad_"):
+        return sgk.pcgrad_
+    from safegrad_kernels.ops.pcgrad import pcgrad_
+
+    return pcgrad_
+
+
+def pair_candidates(
+    op: str, data: PairData, backends: Sequence[str], providers: Sequence[str], rho: float = 0.0
+) -> list[Candidate]:
+    """Candidates for ``dot_norms`` or ``project_conflicting_`` over ``data``."""
+    sgk = _lib() if backends else None
+    g, r = data.grads, data.refs
+    out: list[Candidate] = []
+    if op == "dot_norms":
+        for b in backends:
+            out.append(Candidate(b, lambda b=b: sgk.dot_norms(g, r, backend=b)))
+        table: dict[str, Candidate] = {
+            "loop": Candidate("loop", lambda: dot_norms_loop(g, r)),
+            "cat": Candidate("cat", lambda: dot_norms_cat(g, r)),
+            "eager": Candidate("eager", lambda: dot_norms_eager(g, r)),
+            "flat": Candidate("flat", lambda: _flat_sums(data.g_flat, data.r_flat)),
+        }
+        if data.x2 is not None:
+            table["flat-gemm"] = Candidate("flat-gemm", lambda: _gemm_sums(data.x2))
+    elif op == "project_conflicting_":
+        for b in backends:
+            out.append(
+                Candidate(
+                    b,
+                    lambda b=b: sgk.project_conflicting_(g, r, rho=rho, backend=b),
+                    data.restore_lists,
+                )
+            )
+        table = {
+            "loop": Candidate("loop", lambda: project_loop(g, r, rho), data.restore_lists),
+            "cat": Candidate("cat", lambda: project_cat(g, r, rho), data.restore_lists),
+            "eager": Candidate("eager", lambda: project_eager(g, r, rho), data.restore_lists),
+            "flat": Candidate(
+                "flat", lambda: project_flat(data.g_flat, data.r_flat, rho), data.restore_flat
+            ),
+        }
+        if data.x2 is not None:
+            table["flat-gemm"] = Candidate(
+                "flat-gemm", lambda: project_flat_gemm(data.x2, rho), data.restore_x2
+            )
+    else:
+        raise ValueError(f"not a pair op: {op}")
+    out.extend(table[p] for p in providers if p in table)
+    return out
+
+
+def task_candidates(
+    op: str, data: TaskData, backends: Sequence[str], providers: Sequence[str]
+) -> list[Candidate]:
+    """Candidates for ``gram`` or ``pcgrad_`` over ``data``."""
+    sgk = _lib() if backends else None
+    lists, order = data.lists, data.order
+    out: list[Candidate] = []
+    if op == "gram":
+        for b in backends:
+            out.append(Candidate(b, lambda b=b: sgk.gram(lists, backend=b)))
+        table = {
+            "loop": Candidate("loop", lambda: gram_loop(lists)),
+            "cat": Candidate("cat", lambda: gram_cat(lists)),
+            "eager": Candidate("eager", lambda: gram_eager(lists)),
+            "flat": Candidate("flat", lambda: gram_flat(data.x)),
+        }
+    elif op == "pcgrad_":
+        pcgrad_op = _pcgrad_op() if backends else None
+        for b in backends:
+            out.append(
+                Candidate(
+                    b,
+                    lambda b=b: pcgrad_op(lists, order=order, backend=b),
+                    data.restore_lists,
+                )
+            )
+        table = {
+            "loop": Candidate("loop", lambda: pcgrad_loop(lists, order), data.restore_lists),
+            "cat": Candidate("cat", lambda: pcgrad_cat(lists, order), data.restore_lists),
+            "eager": Candidate("eager", lambda: pcgrad_eager(lists, order), data.restore_lists),
+            "flat": Candidate("flat", lambda: pcgrad_flat(data.x, data.out_flat, order)),
+        }
+        agg = torchjd_pcgrad()
+        if agg is not None:
+            table["torchjd"] = Candidate("torchjd", lambda: agg(data.x))
+    else:
+        raise ValueError(f"not a task op: {op}")
+    out.extend(table[p] for p in providers if p in table)
+    return out

@@ -1,0 +1,8 @@
+"""``python -m safegrad_kernels ...`` is the ``safegrad`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""``safegrad demo``: the SafeGrad paper's finding in miniature, on a CPU, offline.
+
+A small Llama is aligned (cached), then fine-tuned with a fresh LoRA adapter on a
+templated sentiment task poisoned with a fraction p of harmful prompt -> harmful
+answer pairs, by each method (sft, mixed, safegrad, spf) over a sweep of p, of the
+alignment weight and of seeds. Held-out prompts measure harmful compliance, refusal,
+task accuracy and benign-instruction accuracy. See ``world`` for the toy world.
+
+The CLI calls :func:`add_arguments` and :func:`run`; ``python -m safegrad_kernels.demo``
+does the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import time
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+# Quick mode (CI smoke test, ~1 minute): a smaller model and a few steps of everything.
+# Its numbers mean nothing; it checks that every stage runs and every file is written.
+QUICK = {
+    "model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2},
+    "align": {"steps": 150, "batch_size": 32, "samples": 1500},
+    "user": {"samples": 160, "epochs": 1},
+    "eval": (10, 60, 60),
+    "ratios": "0,0.3",
+    "seeds": "0",
+    "weights": "1.0",
+}
+EVAL_SIZES = (25, 200, 150)  # harmful prompts per template group, sentiment, benign
+EVAL_SEED = 12_345
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _methods(text: str) -> list[str]:
+    from .train import METHODS
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"methods must be from {', '.join(METHODS)}; got {text!r}")
+    return names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options (shared by ``safegrad demo`` and ``python -m safegrad_kernels.demo``)."""
+    parser.add_argument(
+        "--methods", type=_methods, default=None, help="comma list (default sft,mixed,safegrad,spf)"
+    )
+    parser.add_argument(
+        "--ratios", type=_floats, default=None, help="harmful ratios p (default 0,0.1,0.2,0.3)"
+    )
+    parser.add_argument("--seeds", type=_ints, default=None, help="comma list (default 0,1,2)")
+    parser.add_argument(
+        "--rho", type=_floats, default=None, help="SafeGrad rho values (default 0.1,1.0)"
+    )
+    parser.add_argument(
+        "--lam", type=_floats, default=None, help="mixed lambda values (default 0.1,1.0)"
+    )
+    parser.add_argument("--out", type=Path, default=Path("safegrad_demo_out"))
+    parser.add_argument("--quick", action="store_true", help="~1 minute smoke run (CI)")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="rebuild the aligned model, write no cache"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    from .model import ModelSpec
+    from .train import METHODS, AlignSpec, UserSpec
+
+    quick = args.quick
+    mspec, aspec, uspec = ModelSpec(), AlignSpec(), UserSpec()
+    if quick:
+        mspec = replace(mspec, **QUICK["model"])
+        aspec = replace(aspec, **QUICK["align"])
+        uspec = replace(uspec, **QUICK["user"])
+    weights = _floats(QUICK["weights"]) if quick else [0.1, 1.0]
+    return {
+        "methods": args.methods or list(METHODS),
+        "ratios": args.ratios or (_floats(QUICK["ratios"]) if quick else [0.0, 0.1, 0.2, 0.3]),
+        "seeds": args.seeds or (_ints(QUICK["seeds"]) if quick else [0, 1, 2]),
+        "rho": args.rho or weights,
+        "lam": args.lam or weights,
+        "model": mspec,
+        "align": aspec,
+        "user": uspec,
+        "eval_sizes": QUICK["eval"] if quick else EVAL_SIZES,
+    }
+
+
+def _grid(s: dict) -> list[tuple[str, float | None, float, int]]:
+    runs = []
+    for method in s["methods"]:
+        weights = {"mixed": s["lam"], "safegrad": s["rho"]}.get(method, [None])
+        for weight in weights:
+            for p in s["ratios"]:
+                for seed in s["seeds"]:
+                    runs.append((method, weight, p, seed))
+    return runs
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the demo; write ``results.json``, ``report.md`` and ``plot.png`` to ``args.out``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from . import evaluate, report, world
+    from .train import aligned_state, user_stage
+
+    started = time.perf_counter()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    s = _settings(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = world.WordTokenizer()
+    quiet = getattr(args, "no_progress", False)
+
+    with tqdm(total=s["align"].steps, desc="alignment stage", disable=quiet) as bar:
+        state, stage = aligned_state(
+            tok, s["model"], s["align"], use_cache=not args.no_cache, progress=bar.update
+        )
+        if stage["cache"] == "hit":
+            bar.set_postfix_str("cached")
+    evals = world.eval_data(*s["eval_sizes"], seed=EVAL_SEED)
+    base = _aligned_metrics(state, tok, s, evals)
+
+    grid = _grid(s)
+    uspec = s["user"]
+    steps_per_run = uspec.epochs * (uspec.samples // uspec.batch_size)
+    runs = []
+    with tqdm(total=len(grid) * steps_per_run, desc="user stage", disable=quiet) as bar:
+        for method, weight, p, seed in grid:
+            name = report.label(method, weight)
+            bar.set_postfix_str(f"{name} p={p:g} seed={seed}")
+            model, log = user_stage(
+                state, tok, s["model"], uspec, method=method, weight=weight or 0.0,
+                harmful_ratio=p, seed=seed, progress=bar.update,
+            )  # fmt: skip
+            metrics = evaluate.evaluate(model, tok, evals)
+            runs.append(
+                {"label": name, "method": method, "weight": weight, "harmful_ratio": p}
+                | {"seed": seed, **metrics, **log.summary()}
+            )
+
+    summary = report.summarize(runs)
+    results = {
+        "meta": _meta(args, s, time.perf_counter() - started),
+        "aligned": {"metrics": base, "stage": stage},
+        "summary": summary,
+        "runs": runs,
+    }
+    results["meta"]["plot"] = "plot.png"
+    report.write_json(out / "results.json", results)
+    report.write_markdown(out / "report.md", results)
+    report.plot(out / "plot.png", summary, base)
+    print(report.main_table(summary, markdown=False))
+    print(f"\naligned model: HS {100 * base['harmful_score']:.0f}%  FA "
+          f"{100 * base['finetune_accuracy']:.0f}%  benign {100 * base['benign_accuracy']:.0f}%")  # fmt: skip
+    print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'plot.png'} "
+          f"in {results['meta']['runtime_s']:.0f} s")  # fmt: skip
+    return results
+
+
+def _aligned_metrics(state, tok, s: dict, evals) -> dict:
+    from . import evaluate
+    from .model import build_model
+
+    model = build_model(s["model"], len(tok), s["align"].seed)
+    model.load_state_dict(state)
+    return evaluate.evaluate(model, tok, evals)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The options as given, in ``safegrad demo`` form (sys.argv differs by entry point)."""
+    parts = ["safegrad", "demo"]
+    for flag in ("methods", "ratios", "seeds", "rho", "lam"):
+        value = getattr(args, flag)
+        if value is not None:
+            parts += [
+                f"--{flag}",
+                ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value),
+            ]
+    for flag in ("quick", "no_cache"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    if args.threads is not None:
+        parts += ["--threads", str(args.threads)]
+    parts += ["--out", str(args.out)]
+    return shlex.join(parts)
+
+
+def _meta(args: argparse.Namespace, s: dict, runtime: float) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    settings = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in s.items()}
+    return {
+        "command": _command(args),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "runtime_s": runtime,
+        "seeds": s["seeds"],
+        "quick": bool(args.quick),
+        "settings": settings,
+    }

@@ -1,0 +1,18 @@
+"""``python -m safegrad_kernels.demo [options]``: the same as ``safegrad demo``."""
+
+import argparse
+
+from . import add_arguments, run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m safegrad_kernels.demo",
+        description="SafeGrad versus SFT, mixed and SPF on a toy aligned Llama (CPU, offline).",
+    )
+    add_arguments(parser)
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""The demo's two training stages.
+
+1. Alignment (full fine-tune of the random model, cached): benign instructions plus
+   harmful prompts answered with refusals, giving the "aligned foundation model".
+2. User stage (fresh LoRA adapter per run): the user's sentiment set with a fraction p
+   of harmful prompt -> harmful answer pairs, trained with one of four methods:
+
+   ``sft``       task loss only;
+   ``mixed``     task + lambda * KL(P_ref || P_theta) on the defender's safety batch;
+   ``safegrad``  SafeGrad: g_u projected off g_a where they conflict, plus rho * g_a;
+   ``spf``       SPF: g_u loses its conflicting part in the low-rank safety subspace.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import world
+from .model import ModelSpec, build_model, cache_key, cache_load, cache_save
+
+METHODS = ("sft", "mixed", "safegrad", "spf")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class AlignSpec:
+    """Alignment-stage recipe (the feasibility run's, see BACKGROUND.md)."""
+
+    samples: int = 6000
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 2e-3
+    # Without smoothing the feasibility model was so confident that a LoRA adapter could
+    # not move it cleanly; 0.1 kept the logits finite-margin.
+    label_smoothing: float = 0.1
+    harmful_share: float = 0.35
+    seed: int = 0
+    max_len: int = 48
+
+
+@dataclass(frozen=True)
+class UserSpec:
+    """User-stage recipe: LoRA r=8/alpha=16 as the paper's scripts; lr and steps scaled down."""
+
+    samples: int = 1000
+    epochs: int = 2
+    batch_size: int = 16
+    # At 1e-3 (the feasibility run's) 124 steps left both the task and the poison
+    # unlearned here (sft p=0.3: FA 44%, HS 15%); 3e-3 learns both (FA 94%, HS 78%).
+    lr: float = 3e-3
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    safety_samples: int = 100  # the paper's 100 alignment samples
+    spf_rank: int = 4
+    spf_refresh_every: int = 10
+    max_len: int = 48
+
+
+@dataclass
+class RunLog:
+    """What one user-stage run measured besides the final model."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    surgery_seconds: float = 0.0  # time inside the surgery call itself (step/dot_norms)
+    stats: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """Timings and conflict statistics over the steps that had an alignment signal.
+
+        ``conflict_share``: share of those steps with ``<g_u, g_a> < 0`` (for SPF: mean
+        share of weight matrices whose task gradient conflicts with the safety subspace).
+        """
+        live = [s for s in self.stats if s["live"]]
+        cosines = [s["cosine"] for s in live if s["cosine"] is not None]
+        return {
+            "steps": self.steps,
+            "ms_per_step": 1e3 * self.seconds / max(self.steps, 1),
+            "surgery_ms_per_step": 1e3 * self.surgery_seconds / max(self.steps, 1),
+            "conflict_share": _mean([s["conflict"] for s in live]),
+            "mean_cosine": _mean(cosines),
+            "stat_steps": len(live),
+        }
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def response_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
+    """Cross-entropy on response tokens with the causal shift (logits[:, :-1] vs labels[:, 1:])."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+    )
+
+
+def _batches(data: dict[str, torch.Tensor], batch_size: int, gen: torch.Generator):
+    """Endless shuffled mini-batches (epoch after epoch), trimmed to their longest row."""
+    n = data["input_ids"].shape[0]
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield _take(data, idx)
+
+
+def _take(data: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    width = int(data["attention_mask"][idx].sum(1).max())
+    return {k: v[idx, :width] for k, v in data.items()}
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, total: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+# --- stage 1: alignment ------------------------------------------------------------
+
+
+def align(
+    tok: world.WordTokenizer,
+    mspec: ModelSpec,
+    aspec: AlignSpec,
+    progress: Callable[[int], None] | None = None,
+) -> torch.nn.Module:
+    """Full fine-tune of a fresh model on benign instructions and refusals."""
+    model = build_model(mspec, len(tok), aspec.seed)
+    data = world.encode_batch(
+        tok,
+        world.alignment_stage_data(aspec.samples, aspec.seed, aspec.harmful_share),
+        aspec.max_len,
+    )
+    gen = torch.Generator().manual_seed(aspec.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=aspec.lr, weight_decay=0.01)
+    sched = _cosine_lr(opt, aspec.steps, max(aspec.steps // 20, 1))
+    model.train()
+    batches = _batches(data, aspec.batch_size, gen)
+    for _ in range(aspec.steps):
+        batch = next(batches)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = response_ce(logits, batch["labels"], aspec.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if progress is not None:
+            progress(1)
+    model.eval()
+    return model
+
+
+def aligned_state(
+    tok: world.WordTokenizer,
+    mspec: ModelSpec,
+    aspec: AlignSpec,
+    *,
+    use_cache: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """The aligned model's state dict, from the cache when possible; plus how it was obtained."""
+    key = cache_key(mspec, aspec, extra={"vocab": tok.words})
+    if use_cache:
+        entry = cache_load(key)
+        if entry is not None:
+            return entry["state_dict"], {**entry["info"], "cache": "hit", "key": key}
+    start = time.perf_counter()
+    model = align(tok, mspec, aspec, progress)
+    info = {"seconds": time.perf_counter() - start, "steps": aspec.steps}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if use_cache:
+        path = cache_save(key, {"state_dict": state, "info": info})
+        return state, {**info, "cache": "miss", "key": key, "path": str(path)}
+    return state, {**info, "cache": "off", "key": key}
+
+
+# --- stage 2: user fine-tuning -----------------------------------------------------
+
+
+def lora_model(state: dict[str, torch.Tensor], tok, mspec: ModelSpec, uspec: UserSpec, seed: int):
+    """The aligned model with a fresh LoRA adapter (B = 0, so it starts equal to P_ref)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model(mspec, len(tok), seed)
+    base.load_state_dict(state)
+    config = LoraConfig(
+        r=uspec.lora_r,
+        lora_alpha=uspec.lora_alpha,
+        target_modules=list(uspec.lora_targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(base, config)
+
+
+def _forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def user_stage(
+    state: dict[str, torch.Tensor],
+    tok: world.WordTokenizer,
+    mspec: ModelSpec,
+    uspec: UserSpec,
+    *,
+    method: str,
+    weight: float,
+    harmful_ratio: float,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[torch.nn.Module, RunLog]:
+    """Fine-tune a fresh adapter with ``method``; ``weight`` is lambda (mixed) or rho (safegrad)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    from safegrad_kernels import dot_norms
+    from safegrad_kernels.integrations.peft import lora_parameters
+    from safegrad_kernels.losses import kl_alignment_loss
+    from safegrad_kernels.surgery import SPF, SafeGrad
+
+    model = lora_model(state, tok, mspec, uspec, seed)
+    params = list(lora_parameters(model))
+    user = world.encode_batch(
+        tok, world.user_data(uspec.samples, harmful_ratio, seed), uspec.max_len
+    )
+    safety = world.encode_batch(
+        tok, world.safety_data(uspec.safety_samples, seed + 10_000), uspec.max_len
+    )
+    # P_ref never changes, so its logits on the (fixed) safety pool are computed once,
+    # through the same PeftModel with the adapter disabled: no second model copy, and
+    # one forward per step saved against recomputing them every step as the paper does.
+    with model.disable_adapter(), torch.no_grad():
+        safety["ref_logits"] = _forward(model, safety)
+
+    gen = torch.Generator().manual_seed(seed)
+    user_batches = _batches(user, uspec.batch_size, gen)
+    safety_batches = _batches(safety, min(uspec.batch_size, uspec.safety_samples), gen)
+    steps = uspec.epochs * (uspec.samples // uspec.batch_size)
+    opt = torch.optim.AdamW(params, lr=uspec.lr, weight_decay=0.0)
+
+    def kl_loss() -> torch.Tensor:
+        sb = next(safety_batches)
+        return kl_alignment_loss(_forward(model, sb), sb["ref_logits"], sb["labels"])
+
+    def safety_ce() -> torch.Tensor:
+        sb = next(safety_batches)
+        return response_ce(_forward(model, sb), sb["labels"])
+
+    surgeon = None
+    if method == "safegrad":
+        surgeon = SafeGrad(params, rho=weight)
+    elif method == "spf":
+        surgeon = SPF(
+            params, rank=uspec.spf_rank, refresh_every=uspec.spf_refresh_every, mode="conflicting"
+        )
+
+    log = RunLog()
+    model.train()
+    start = time.perf_counter()
+    for _ in range(steps):
+        ub = next(user_batches)
+        opt.zero_grad(set_to_none=True)
+        if method == "sft":
+            response_ce(_forward(model, ub), ub["labels"]).backward()
+        elif method == "mixed":
+            # g_u and lambda*g_a are formed separately only to record their conflict;
+            # the update is their sum, exactly the gradient of task + lambda * KL.
+            response_ce(_forward(model, ub), ub["labels"]).backward()
+            g_u = [p.grad.clone() for p in params]
+            opt.zero_grad(set_to_none=True)
+            (weight * kl_loss()).backward()
+            t0 = time.perf_counter()
+            sums = dot_norms(g_u, [p.grad for p in params]).tolist()
+            for p, g in zip(params, g_u):
+                p.grad.add_(g)
+            log.surgery_seconds += time.perf_counter() - t0
+            log.stats.append(_conflict_record(*sums))
+        else:
+            assert surgeon is not None
+            if method == "safegrad" or surgeon.wants_reference:
+                # SPF's safety loss is cross-entropy on the refusals: its subspace is
+                # taken from the safety gradient itself, and the KL gradient is zero
+                # at step 0 (fresh adapter), which would leave SPF an empty subspace.
+                with surgeon.reference():
+                    (kl_loss() if method == "safegrad" else safety_ce()).backward()
+            response_ce(_forward(model, ub), ub["labels"]).backward()
+            t0 = time.perf_counter()
+            stats = surgeon.step()
+            log.surgery_seconds += time.perf_counter() - t0
+            # Reading the stats syncs the host; on CPU that costs nothing and the demo
+            # wants the per-step conflict record.
+            d = stats.to_dict()
+            if method == "safegrad":
+                log.stats.append(_conflict_record(d["dot"], d["ref_norm_sq"], d["grad_norm_sq"]))
+            else:  # SPF has a basis from step 0 on: its safety loss is not zero there
+                log.stats.append({"live": True, "conflict": d["conflict_fraction"], "cosine": None})
+        opt.step()
+        log.steps += 1
+        if progress is not None:
+            progress(1)
+    log.seconds = time.perf_counter() - start
+    model.eval()
+    return model, log
+
+
+def _conflict_record(dot: float, rr: float, gg: float) -> dict:
+    denom = math.sqrt(rr * gg)
+    return {
+        "live": rr > 1e-12,  # g_a = 0 at step 0: the fresh adapter equals P_ref
+        "conflict": float(dot < 0),
+        "cosine": dot / denom if denom > 0 else 0.0,
+    }

@@ -1,0 +1,29 @@
+"""Gradient surgeons: stateful per-step algorithms on a model's parameters.
+
+Each surgeon captures the extra gradients it needs through a context manager (no
+copies: ``p.grad`` objects are swapped), and its ``step()`` rewrites ``p.grad`` in
+place once per optimizer step without synchronising the host. Statistics come back
+as device tensors (``.to_dict()`` is the explicit sync point).
+
+- ``SafeGrad``: one-sided projection of the task gradient against the alignment
+  gradient, alignment gradient added back with weight ``rho``.
+- ``PCGrad``: projecting conflicting gradients among m objectives.
+- ``SPF``: removal of the task gradient's component in a low-rank safety subspace.
+"""
+
+from .base import Surgeon
+from .pcgrad import PCGrad
+from .safegrad import SafeGrad
+from .spf import SPF
+from .stats import PCGradStats, SafeGradStats, SPFStats, SurgeryStats
+
+__all__ = [
+    "SPF",
+    "PCGrad",
+    "PCGradStats",
+    "SPFStats",
+    "SafeGrad",
+    "SafeGradStats",
+    "Surgeon",
+    "SurgeryStats",
+]

@@ -1,0 +1,120 @@
+"""PCGrad (Yu et al., NeurIPS 2020) as a per-step surgeon over m objectives."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import Tensor
+
+from ..ops.pcgrad import pcgrad_with_gram_
+from .base import Surgeon, check_backend
+from .safegrad import check_op_dtypes
+from .stats import PCGradStats, safe_div
+
+__all__ = ["PCGrad"]
+
+
+class PCGrad(Surgeon):
+    """PCGrad over ``num_objectives`` losses, called once per optimizer step.
+
+    Objective 0's gradient is the plain ``p.grad``; objectives ``1..m-1`` are captured
+    by their own contexts (no copies: the same ``p.grad`` swap as ``SafeGrad``)::
+
+        surgeon = PCGrad(trainable_params, num_objectives=3)
+        loss_0.backward()                       # or: with surgeon.objective(0): ...
+        with surgeon.objective(1):
+            loss_1.backward()
+        with surgeon.objective(2):
+            loss_2.backward()
+        stats = surgeon.step()                  # p.grad <- sum_i g_i^PC; no host sync
+        optimizer.step(); optimizer.zero_grad()
+
+    Every context accumulates across micro-batches like ``p.grad``. ``step()`` runs
+    ``pcgrad_`` (one Gram pass, one combine pass) over the m gradient lists and
+    consumes the captured ones.
+
+    Args:
+        params: trainable parameters (float32/bfloat16/float16, one device).
+        num_objectives: m >= 1.
+        generator: random source for the per-step visiting order (default: torch's
+            global generator on the parameters' device).
+        backend: op backend (``None`` = auto, or ``"triton"``, ``"cpp"``, ``"torch"``).
+
+    Missing gradients: for a tensor that has a gradient from some objectives but not
+    others, the missing ones count as zero (a zero buffer is allocated for that tensor
+    only); a tensor with no gradient from any objective stays untouched.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        *,
+        num_objectives: int,
+        generator: torch.Generator | None = None,
+        backend: str | None = None,
+    ) -> None:
+        if isinstance(num_objectives, bool) or not isinstance(num_objectives, int):
+            raise TypeError(f"num_objectives must be an int, got {type(num_objectives).__name__}")
+        if num_objectives < 1:
+            raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        self.num_objectives = num_objectives
+        self.generator = generator
+        self.backend = check_backend(backend)
+        super().__init__(params, num_slots=num_objectives - 1)
+        check_op_dtypes(self.params)
+
+    def objective(self, j: int) -> AbstractContextManager[None]:
+        """Context whose backward passes accumulate into objective ``j``'s gradient.
+
+        ``j = 0`` is the plain ``p.grad`` (a no-op context, for symmetric loops).
+        """
+        if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < self.num_objectives:
+            raise ValueError(
+                f"objective index must be an int in [0, {self.num_objectives}), got {j!r}"
+            )
+        if j == 0:
+            self._check_idle("objective(0)")
+            return nullcontext()
+        return self._capture(j - 1)
+
+    def step(self, *, order: Tensor | None = None) -> PCGradStats:
+        """Replace every ``p.grad`` by the PCGrad aggregate; consume the captured gradients.
+
+        ``order``: optional ``[m, m]`` visiting order (see ``pcgrad_``); default random.
+        On a validation error nothing is written and the captured gradients are kept.
+        """
+        self._check_idle("step()")
+        m = self.num_objectives
+        extra = [self._peek(s) for s in range(m - 1)]
+        lists: list[list[Tensor]] = [[] for _ in range(m)]
+        allocated: list[tuple[Tensor, Tensor]] = []
+        for i, p in enumerate(self.params):
+            column = [p.grad, *(slot[i] for slot in extra)]
+            present = next((t for t in column if t is not None), None)
+            if present is None:
+                continue
+            for j, t in enumerate(column):
+                if t is None:
+                    t = torch.zeros_like(present, memory_format=torch.contiguous_format)
+                    if j == 0:
+                        allocated.append((p, t))
+                lists[j].append(t)
+
+        if lists[0]:
+            weights, gm = pcgrad_with_gram_(
+                lists, order=order, generator=self.generator, backend=self.backend
+            )
+        else:
+            weights = torch.ones(m, dtype=torch.float32, device=self.device)
+            gm = torch.zeros(m, m, dtype=torch.float32, device=self.device)
+        for p, g in allocated:
+            p.grad = g
+        for s in range(m - 1):
+            self._take(s)
+        nrm = gm.diagonal().clamp_min(0).sqrt()
+        cosine = safe_div(gm, nrm[:, None] * nrm[None, :])
+        return PCGradStats(gram=gm, weights=weights, cosine=cosine, conflict=gm < 0)

@@ -1,0 +1,349 @@
+"""SPF (arXiv 2601.10141): remove the task gradient's component in a low-rank safety subspace.
+
+The paper publishes no code; this follows the reconstruction in BACKGROUND.md. Per
+weight matrix ``W`` with safety gradient ``S`` and task gradient ``G``::
+
+    U_k = top-k singular vectors of S (on one side, see below)
+    P   = U_k U_k^T G      (G's component in span(U_k))
+    G  <- G - P            if mode == "always" or <P, S> < 0
+
+Which side. A ``[out, in]`` matrix has left singular vectors in ``R^out`` and right
+ones in ``R^in``; we project on the *larger* side: ``P = U_k U_k^T G`` for tall or
+square matrices (out >= in, basis in ``R^out``) and ``P = G V_k V_k^T`` for wide ones
+(basis in ``R^in``). The removed subspace then holds ``k / max(out, in)`` of that
+side's directions, the least of the two one-sided choices. On the smaller side a
+rank-k basis is most or all of the space: for LoRA ``A`` (``[r, in]``, wide) and
+``B`` (``[out, r]``, tall) with r = 8, the r side is only 8-dimensional, and k = 8
+there would make ``P = G`` ("always" would zero the gradient). The larger side
+keeps the removal targeted: k of the 4096 input directions for ``A``, k of the output
+directions for ``B``. Either side gives ``<P, S> = <G, S_k>`` with ``S_k`` the rank-k
+truncation of ``S``, so the conflict test asks whether G opposes the dominant safety
+directions. ``k`` is capped at ``min(out, in)``, the rank ``S`` can have.
+
+Parameters with more than two dims are viewed as ``[shape[0], prod(shape[1:])]``.
+1-D parameters (biases, norm scales) are skipped, their gradients left as they are:
+the low-rank finding concerns weight matrices, and a vector has no subspace to keep.
+
+Cost. Matrices of one shape and dtype are stacked and handled with batched matmuls
+(one ``bmm`` pair per shape group, not a Python loop per matrix). The basis and the
+coordinates of ``S`` in it (``U_k^T S``, k x small) are kept between refreshes,
+``k (out + in)`` numbers per matrix instead of a copy of ``S``. Singular directions
+with (relatively) zero singular value are dropped, so a zero or rank-deficient ``S``
+(e.g. a KL loss at step 0 of LoRA training) removes nothing it does not span.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Surgeon, check_backend, check_choice
+from .stats import SPFStats
+
+__all__ = ["SPF"]
+
+MODES = ("conflicting", "always")
+SVD_METHODS = ("auto", "exact", "randomized")
+# "auto" uses the exact batched SVD while the small side is at most this: LoRA factors
+# (r <= 64) always qualify; full 4096 x 4096 weights go randomized, whose cost is
+# O(out * in * (k + oversample)) per power iteration instead of O(out * in * min(out, in)).
+EXACT_SVD_MAX_DIM = 256
+
+
+def _check_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass
+class _Group:
+    """Matrices sharing (tall shape, dtype, side); ``members`` index ``SPF.params``."""
+
+    members: list[int]
+    big: int
+    small: int
+    transposed: bool  # wide matrix: work on G^T so the basis lives on the larger side
+    rank: int
+    dtype: torch.dtype  # compute dtype
+    basis: Tensor | None = None  # [b, big, rank], orthonormal or zero columns
+    coords: Tensor | None = None  # [b, rank, small] = basis^T S
+    nonempty: Tensor | None = None  # [b] bool: the basis has at least one direction
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _tall(t: Tensor, transposed: bool) -> Tensor:
+    """The ``[big, small]`` view of a gradient (a view: writes land in the gradient).
+
+    ``view`` rather than ``reshape``: a copy would silently drop the update, so a
+    gradient that cannot be viewed as ``[shape[0], -1]`` (e.g. a channels-last 4-D
+    weight) raises instead.
+    """
+    m = t.view(t.shape[0], -1)
+    return m.T if transposed else m
+
+
+def _rows(t: Tensor, ks: list[int], b: int) -> Tensor:
+    return t if len(ks) == b else torch.stack([t[k] for k in ks])
+
+
+def _spread(vals: Tensor, ks: list[int], b: int) -> Tensor:
+    """Per-member values for the present members ``ks``, zeros for the rest."""
+    if len(ks) == b:
+        return vals
+    full = [vals.new_zeros(())] * b
+    for pos, k in enumerate(ks):
+        full[k] = vals[pos]
+    return torch.stack(full)
+
+
+class SPF(Surgeon):
+    """Safety-subspace projection of the task gradient, called once per optimizer step.
+
+    Usage::
+
+        spf = SPF(trainable_params, rank=8, refresh_every=100)
+        if spf.wants_reference:                 # host-side bool: no sync
+            with spf.reference():
+                safety_loss.backward()          # S, accumulates like p.grad
+        task_loss.backward()                    # G in p.grad
+        stats = spf.step()                      # p.grad <- G - P where due; no host sync
+        optimizer.step(); optimizer.zero_grad()
+
+    Args:
+        params: trainable parameters (any floating dtype, one device).
+        rank: k >= 1, the safety subspace's dimension per matrix (capped at min(out, in)).
+        refresh_every: recompute the basis every this many steps; ``None`` computes it
+            once, at the first step that has a reference gradient.
+        mode: ``"conflicting"`` removes ``P`` only from matrices where ``<P, S> < 0``;
+            ``"always"`` removes it from every matrix that has a basis.
+        oversample: extra random directions for the randomized SVD (Halko et al. 2011).
+        power_iters: subspace iterations of the randomized SVD.
+        svd: ``"auto"`` (exact while min(out, in) <= 256, else randomized), ``"exact"``
+            or ``"randomized"``.
+        seed: seed of the randomized SVD's own generator (global RNG state untouched).
+        backend: accepted for a uniform surgeon constructor; SPF's work is batched
+            torch matmuls, not the fused reductions.
+
+    Per step: a captured reference ``S`` updates the stored coordinates ``U_k^T S``
+    used by the conflict test, and when a refresh is due (``wants_reference``) also
+    the basis. Steps without a reference reuse the stored basis and coordinates.
+    Without any basis yet, ``step()`` leaves the gradients as they are.
+
+    Missing gradients: a matrix without a safety gradient at a refresh gets no basis
+    (left as it is until a refresh that has one); between refreshes, a reference for
+    only some matrices updates only their coordinates; a matrix without a task
+    gradient keeps ``grad = None``.
+    The basis refresh (SVD) runs only on refresh steps; on CUDA the SVD's error check
+    may synchronise there. Ordinary steps never read a device value on the host.
+    Parameters must be ordinary tensors (FSDP2/DTensor shards are not supported: the
+    SVD needs whole matrices).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        *,
+        rank: int,
+        refresh_every: int | None = None,
+        mode: str = "conflicting",
+        oversample: int = 8,
+        power_iters: int = 2,
+        svd: str = "auto",
+        seed: int = 0,
+        backend: str | None = None,
+    ) -> None:
+        self.rank = _check_int("rank", rank, minimum=1)
+        self.refresh_every = _check_int("refresh_every", refresh_every, minimum=1, allow_none=True)
+        self.mode = check_choice("mode", mode, MODES)
+        self.oversample = _check_int("oversample", oversample, minimum=0)
+        self.power_iters = _check_int("power_iters", power_iters, minimum=0)
+        self.svd = check_choice("svd", svd, SVD_METHODS)
+        self.seed = _check_int("seed", seed, minimum=0)
+        self.backend = check_backend(backend)
+        super().__init__(params, num_slots=1)
+
+        self._groups: list[_Group] = []
+        keys: dict[tuple, _Group] = {}
+        self._matrix_idx = [i for i, p in enumerate(self.params) if p.dim() >= 2]
+        if not self._matrix_idx:
+            raise ValueError(
+                "params holds no weight matrix (tensor with >= 2 dims) for SPF to act on"
+            )
+        for i in self._matrix_idx:
+            p = self.params[i]
+            out, inn = p.shape[0], math.prod(p.shape[1:])
+            transposed = out < inn
+            big, small = (inn, out) if transposed else (out, inn)
+            key = (big, small, transposed, p.dtype)
+            if key not in keys:
+                keys[key] = _Group(
+                    [], big, small, transposed, min(self.rank, small), _compute_dtype(p.dtype)
+                )
+                self._groups.append(keys[key])
+            keys[key].members.append(i)
+        # Stats come out group by group; this permutation puts them in matrix order.
+        pos = {i: k for k, i in enumerate(self._matrix_idx)}
+        order = [pos[i] for g in self._groups for i in g.members]
+        self._unpermute = torch.empty(len(order), dtype=torch.int64)
+        self._unpermute[torch.tensor(order)] = torch.arange(len(order))
+        self._unpermute = self._unpermute.to(self.device)
+        self._step = 0
+        self._last_refresh: int | None = None
+        self._generator: torch.Generator | None = None
+
+    @property
+    def matrices(self) -> tuple[Tensor, ...]:
+        """The parameters SPF acts on, in the order of ``SPFStats`` fields."""
+        return tuple(self.params[i] for i in self._matrix_idx)
+
+    @property
+    def wants_reference(self) -> bool:
+        """Whether this step's ``step()`` would (re)compute the basis from a reference."""
+        if self._last_refresh is None:
+            return True
+        return (
+            self.refresh_every is not None and self._step - self._last_refresh >= self.refresh_every
+        )
+
+    def reference(self) -> AbstractContextManager[None]:
+        """Context in which backward passes accumulate into the safety gradient ``S``."""
+        return self._capture(0)
+
+    def step(self) -> SPFStats:
+        """Refresh the basis if due and a reference was captured, then project ``p.grad`` in place."""
+        self._check_idle("step()")
+        refs = self._peek(0)
+        refresh = self.wants_reference and any(refs[i] is not None for i in self._matrix_idx)
+        for group in self._groups:
+            group_refs = [refs[i] for i in group.members]
+            if any(r is not None for r in group_refs):
+                self._absorb_reference(group, group_refs, refresh)
+            elif refresh:  # no safety gradient at a refresh: nothing to protect here
+                group.basis = group.coords = group.nonempty = None
+        if refresh:
+            self._last_refresh = self._step
+
+        scores, applied, removed, gsq = [], [], [], []
+        for group in self._groups:
+            s, a, r, g = self._project(group)
+            scores.append(s)
+            applied.append(a)
+            removed.append(r)
+            gsq.append(g)
+        self._take(0)
+        self._step += 1
+
+        def ordered(vals: list[Tensor]) -> Tensor:
+            return torch.cat(vals).index_select(0, self._unpermute)
+
+        return SPFStats(
+            score=ordered(scores),
+            applied=ordered(applied),
+            removed_norm_sq=ordered(removed),
+            grad_norm_sq=ordered(gsq),
+            refreshed=refresh,
+        )
+
+    # -- internals ---------------------------------------------------------------
+
+    def _absorb_reference(self, group: _Group, refs: list[Tensor | None], refresh: bool) -> None:
+        shape = (group.big, group.small)
+        s = torch.stack(
+            [
+                _tall(r, group.transposed).to(group.dtype)
+                if r is not None
+                else torch.zeros(shape, dtype=group.dtype, device=self.device)
+                for r in refs
+            ]
+        )
+        # A non-finite S gives no basis for that matrix (and would make the SVD fail).
+        s = torch.where(torch.isfinite(s).all(-1, keepdim=True).all(-2, keepdim=True), s, 0.0)
+        if refresh:  # a matrix without a reference gets an empty basis (S = 0)
+            group.basis = self._basis(s, group.rank)
+            group.nonempty = group.basis.ne(0).any(-1).any(-1)
+        if group.basis is None:
+            return
+        coords = torch.bmm(group.basis.transpose(1, 2), s)
+        present = [k for k, r in enumerate(refs) if r is not None]
+        if not refresh and group.coords is not None and len(present) < len(refs):
+            # Between refreshes, keep the stored coordinates of matrices that got no
+            # new reference (rare; a per-member copy avoids uploading an index).
+            kept = group.coords.clone()
+            for k in present:
+                kept[k] = coords[k]
+            coords = kept
+        group.coords = coords
+
+    def _basis(self, s: Tensor, k: int) -> Tensor:
+        """Top-k left singular vectors of each ``[big, small]`` matrix in ``s`` (batched)."""
+        small = s.shape[-1]
+        q = min(k + self.oversample, small)
+        exact = self.svd == "exact" or (self.svd == "auto" and small <= EXACT_SVD_MAX_DIM)
+        if exact or q >= small:
+            u, sig, _ = torch.linalg.svd(s, full_matrices=False)
+        else:
+            # Randomized range finder with subspace iteration (Halko, Martinsson, Tropp
+            # 2011, Alg. 4.4), drawing from our own generator so the caller's RNG
+            # stream is unchanged and refreshes are reproducible.
+            omega = torch.randn(
+                s.shape[0], small, q, generator=self._gen(), device=s.device, dtype=s.dtype
+            )
+            basis = torch.linalg.qr(torch.bmm(s, omega)).Q
+            st = s.transpose(1, 2)
+            for _ in range(self.power_iters):
+                basis = torch.linalg.qr(torch.bmm(st, basis)).Q
+                basis = torch.linalg.qr(torch.bmm(s, basis)).Q
+            ub, sig, _ = torch.linalg.svd(torch.bmm(basis.transpose(1, 2), s), full_matrices=False)
+            u = torch.bmm(basis, ub)
+        u, sig = u[..., :k], sig[..., :k]
+        # Drop directions whose singular value is zero up to rounding (the rule of
+        # torch.linalg.matrix_rank): there S has no energy and U's column is arbitrary.
+        tol = sig[..., :1] * max(s.shape[-2:]) * torch.finfo(s.dtype).eps
+        return u * (sig > tol).unsqueeze(-2).to(u.dtype)
+
+    def _gen(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        return self._generator
+
+    def _project(self, group: _Group) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        b = len(group.members)
+        zeros = torch.zeros(b, dtype=torch.float32, device=self.device)
+        present = [k for k, i in enumerate(group.members) if self.params[i].grad is not None]
+        if group.basis is None or group.coords is None or not present:
+            return zeros, zeros.bool(), zeros, zeros
+        grads = [_tall(self.params[group.members[k]].grad, group.transposed) for k in present]  # type: ignore[arg-type]
+        basis = _rows(group.basis, present, b)
+        coords = _rows(group.coords, present, b)
+        nonempty = _rows(group.nonempty, present, b)  # type: ignore[arg-type]
+        g = torch.stack(grads).to(group.dtype)
+        x = torch.bmm(basis.transpose(1, 2), g)  # G's coordinates in the basis: [b, k, small]
+        score = (x * coords).sum((1, 2))  # <P, S> = <U^T G, U^T S>
+        apply = nonempty if self.mode == "always" else nonempty & (score < 0)
+        x = x * apply[:, None, None].to(x.dtype)
+        new = torch.baddbmm(g, basis, x, alpha=-1)  # G - U (U^T G), only where applied
+        # One rounding back to the gradient dtype; where nothing was removed the
+        # value round-trips exactly. One foreach call instead of a copy_ per matrix.
+        torch._foreach_copy_(grads, list(new.to(grads[0].dtype).unbind(0)))
+        removed = (x * x).sum((1, 2))  # ||P||^2 = ||U^T G||^2 for orthonormal/zero columns
+        gsq = (g * g).sum((1, 2))
+        return (
+            _spread(score.float(), present, b),
+            _spread(apply, present, b),
+            _spread(removed.float(), present, b),
+            _spread(gsq.float(), present, b),
+        )

@@ -1,0 +1,101 @@
+"""A tiny Llama built from a config (no downloads), its LoRA wrapper and toy data.
+
+Shared by the integration tests; keep the signatures stable.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(
+    vocab: int = 64,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    intermediate: int = 64,
+    max_positions: int = 64,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama (float32, eval mode as from_pretrained would give)."""
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def tiny_peft_model(
+    vocab: int = 64,
+    *,
+    r: int = 4,
+    alpha: int = 8,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    random_b: bool = True,
+    dropout: float = 0.0,
+    seed: int = 0,
+    **llama_kwargs,
+):
+    """``tiny_llama`` wrapped with LoRA. ``random_b=True`` gives B != 0 (init_lora_weights
+    False), so the adapted model differs from the base and the KL gradient is nonzero."""
+    base = tiny_llama(vocab, seed=seed, **llama_kwargs)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        lora_dropout=dropout,
+        init_lora_weights=not random_b,
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed + 1)
+        model = get_peft_model(base, config)
+    if random_b:
+        # peft's non-identity init draws B like A; shrink it so the adapted model stays
+        # close to the reference, as in real training.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.1)
+    return model
+
+
+def toy_examples(
+    n: int, *, seq: int = 12, prompt: int = 5, vocab: int = 64, pad_tail: bool = True, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """``n`` causal-LM examples of length ``seq``: labels -100 on the prompt, and with
+    ``pad_tail`` a right-padded tail of varying length (pad id 0, labels -100, mask 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(3, vocab, (seq,), generator=gen)
+        mask = torch.ones(seq, dtype=torch.long)
+        labels = ids.clone()
+        labels[:prompt] = -100
+        if pad_tail:
+            n_pad = i % 3
+            if n_pad:
+                ids[-n_pad:] = 0
+                mask[-n_pad:] = 0
+                labels[-n_pad:] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return out
+
+
+def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack equal-length examples (they are pre-padded)."""
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}

@@ -1,0 +1,285 @@
+"""The C++ CPU backend against a float64 reference, kernel by kernel.
+
+Tolerance rule: the backend's error against float64 is at most twice plain PyTorch's
+(the torch backend's) error in the same dtype, plus a small per-dtype floor. Sizes
+straddle the C++ chunk size (read from csrc/chunks.h) and tensor counts go past 1000.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+import torch
+
+from safegrad_kernels.ops import cpp_backend
+from safegrad_kernels.ops.torch_backend import TorchBackend
+
+BACKEND = cpp_backend.BACKEND
+_OK, _WHY = BACKEND.available()
+if not _OK:
+    pytest.skip(f"cpp backend unavailable: {_WHY}", allow_module_level=True)
+
+ORACLE = TorchBackend()
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_PAIRS = [pytest.param(g, r, id=f"{str(g)[6:]}-{str(r)[6:]}") for g in DTYPES for r in DTYPES]
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def _chunk() -> int:
+    text = (cpp_backend.sources_dir() / "chunks.h").read_text()
+    return int(re.search(r"kChunk\s*=\s*(\d+)", text).group(1))
+
+
+CHUNK = _chunk()
+
+
+def _layout(name: str) -> list[int]:
+    """Tensor sizes for a named layout (counts 1, 7, 130 and 1000+)."""
+    if name == "one":
+        return [CHUNK + 1]
+    if name == "edges":
+        return [0, 1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + 3]
+    if name == "primes130":
+        primes = (2, 3, 5, 13, 31, 97, 1009, 4099)
+        return [primes[i % len(primes)] for i in range(130)]
+    if name == "many":
+        return [random.randrange(0, 64) for _ in range(1031)]
+    raise ValueError(name)
+
+
+LAYOUTS = ("one", "edges", "primes130", "many")
+
+
+def _randn(sizes: list[int], dtype: torch.dtype, shift: float = 0.0) -> list[torch.Tensor]:
+    return [(torch.randn(s) + shift).to(dtype) for s in sizes]
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.double().reshape(-1), b.double().reshape(-1))
+
+
+def _abs_dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.double().abs().reshape(-1), b.double().abs().reshape(-1))
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.double().reshape(-1) for t in tensors])
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def _assert_within(name, got, oracle, ref, floor):
+    """|got - ref| <= 2 |oracle - ref| + floor, elementwise (float64)."""
+    err = (got.double() - ref).abs()
+    allowed = 2 * (oracle.double() - ref).abs() + floor
+    bad = err > allowed
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} values out of tolerance; worst err {err.max().item():.3g}, "
+        f"allowed there {allowed[bad].min().item():.3g}"
+    )
+
+
+# --------------------------------------------------------------------- dot_norms
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("gdtype", "rdtype"), DTYPE_PAIRS)
+def test_dot_norms(layout, gdtype, rdtype):
+    sizes = _layout(layout)
+    grads, refs = _randn(sizes, gdtype), _randn(sizes, rdtype, shift=0.1)
+    got = BACKEND.dot_norms(grads, refs)
+    assert got.dtype == torch.float32 and got.shape == (len(sizes), 3)
+    oracle = ORACLE.dot_norms(grads, refs)
+    pairs = [(g, r) for g, r in zip(grads, refs)]
+    ref = torch.tensor([[_dot64(g, r), _dot64(r, r), _dot64(g, g)] for g, r in pairs])
+    # fp32 accumulation error scales with sum |a_i b_i|; inputs are exact in any dtype.
+    scale = torch.tensor([[_abs_dot64(g, r), _dot64(r, r), _dot64(g, g)] for g, r in pairs])
+    _assert_within("dot_norms", got, oracle, ref, 4e-6 * scale + 1e-30)
+
+
+def test_dot_norms_empty_tensors_give_zero_rows():
+    grads = [torch.randn(0), torch.randn(5), torch.randn(0, 3)]
+    refs = [torch.randn(0), torch.randn(5), torch.randn(0, 3)]
+    got = BACKEND.dot_norms(grads, refs)
+    assert torch.equal(got[0], torch.zeros(3)) and torch.equal(got[2], torch.zeros(3))
+
+
+# --------------------------------------------------------------------- axpy_
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize(("gdtype", "rdtype"), DTYPE_PAIRS)
+def test_axpy(layout, gdtype, rdtype):
+    sizes = _layout(layout)
+    grads, refs = _randn(sizes, gdtype), _randn(sizes, rdtype)
+    coef = torch.randn(len(sizes))
+    coef[::3] = 0.0  # every third tensor: exactly zero, so bitwise untouched
+    before = [g.clone() for g in grads]
+    expected = [g.clone() for g in grads]
+    ORACLE.axpy_(expected, refs, coef)
+    BACKEND.axpy_(grads, refs, coef)
+    zero = [i for i in range(len(sizes)) if coef[i] == 0]
+    for i in zero:
+        assert torch.equal(_bits(grads[i]), _bits(before[i])), f"tensor {i} with coef 0 was written"
+    # Elementwise check on everything concatenated (one reference, not a loop per tensor).
+    c = torch.cat([coef[i].double().expand(n) for i, n in enumerate(sizes)])
+    ref = _flat(before) + c * _flat(refs)
+    # One rounding to the grad dtype (plus the fp32 intermediate): about 1 ulp.
+    _assert_within("axpy", _flat(grads), _flat(expected), ref, ULP[gdtype] * ref.abs() + 1e-30)
+
+
+@pytest.mark.parametrize("gdtype", DTYPES, ids=str)
+def test_axpy_zero_coef_never_touches_nan_tensors(gdtype):
+    # NaN in both operands: reading and writing back g + 0 * r would give NaN bits
+    # different from the original payload or spread NaN; untouched means bit-identical.
+    sizes = [CHUNK + 5, 17, 3 * CHUNK]
+    grads = [torch.full((s,), float("nan"), dtype=gdtype) for s in sizes]
+    grads[1] = torch.randn(17).to(gdtype)
+    refs = [torch.full((s,), float("nan"), dtype=torch.float32) for s in sizes]
+    refs[1] = torch.randn(17)
+    before = [g.clone() for g in grads]
+    BACKEND.axpy_(grads, refs, torch.tensor([0.0, 0.5, -0.0]))
+    assert torch.equal(_bits(grads[0]), _bits(before[0]))
+    assert torch.equal(_bits(grads[2]), _bits(before[2]))
+    assert torch.isfinite(grads[1]).all() and not torch.equal(grads[1], before[1])
+
+
+# --------------------------------------------------------------------- gram
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("layout", ["edges", "primes130"])
+def test_gram(m, layout):
+    sizes = _layout(layout)
+    lists = [_randn(sizes, DTYPES[j % 3], shift=0.05 * j) for j in range(m)]
+    got = BACKEND.gram(lists)
+    assert got.dtype == torch.float32 and got.shape == (m, m)
+    assert torch.equal(got, got.T)
+    oracle = ORACLE.gram(lists)
+    flat = [torch.cat([t.double().reshape(-1) for t in lst]) for lst in lists]
+    ref = torch.stack([torch.stack([a @ b for b in flat]) for a in flat])
+    scale = torch.stack([torch.stack([a.abs() @ b.abs() for b in flat]) for a in flat])
+    _assert_within("gram", got, oracle, ref, 4e-6 * scale + 1e-30)
+
+
+# --------------------------------------------------------------------- combine_
+@pytest.mark.parametrize("out_is_first", [True, False])
+@pytest.mark.parametrize("m", [1, 2, 3, 5])
+@pytest.mark.parametrize("odtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["edges", "many"])
+def test_combine(out_is_first, m, odtype, layout):
+    sizes = _layout(layout)
+    out = _randn(sizes, odtype)
+    lists = [_randn(sizes, DTYPES[(j + 1) % 3]) for j in range(m)]
+    if out_is_first:
+        lists[0] = out
+    weights = torch.randn(m)
+    originals = [[t.clone() for t in lst] for lst in lists]
+    expected = [o.clone() for o in out]
+    ORACLE.combine_(expected, originals, weights)
+    BACKEND.combine_(out, lists, weights)
+    flat = [_flat(lst) for lst in originals]
+    ref = sum(weights[j].double() * flat[j] for j in range(m))
+    mag = sum(weights[j].double().abs() * flat[j].abs() for j in range(m))
+    # fp32 sum of m terms, then one rounding to the out dtype.
+    floor = ULP[odtype] * ref.abs() + 4 * m * 2.0**-24 * mag + 1e-30
+    _assert_within("combine", _flat(out), _flat(expected), ref, floor)
+
+
+# --------------------------------------------------------------------- conversions
+def test_fp16_widening_is_exact_for_every_bit_pattern():
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    out = [torch.empty(every.numel(), dtype=torch.float32)]
+    BACKEND.combine_(out, [[every]], torch.ones(1))
+    expected = every.float()
+    nan = expected.isnan()
+    assert torch.equal(out[0].isnan(), nan)
+    assert torch.equal(_bits(out[0])[~nan], _bits(expected)[~nan])  # incl. -0 and subnormals
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_narrowing_rounds_like_torch(dtype):
+    info = torch.finfo(dtype)
+    # Random bit patterns across the whole fp32 range (ties, subnormals, overflow, inf).
+    x = torch.randint(-(2**31), 2**31 - 1, (200_003,), dtype=torch.int64).to(torch.int32)
+    x = x.view(torch.float32)
+    x = torch.cat([x, torch.tensor([0.0, -0.0, info.max, info.tiny, float("inf"), -float("inf")])])
+    x = torch.cat([x, torch.randn(100_000) * info.tiny, torch.randn(100_000) * info.max])
+    out = [torch.empty(x.numel(), dtype=dtype)]
+    BACKEND.combine_(out, [[x]], torch.ones(1))
+    expected = x.to(dtype)
+    nan = expected.isnan()
+    assert torch.equal(out[0].isnan(), nan)
+    assert torch.equal(_bits(out[0])[~nan], _bits(expected)[~nan])
+
+
+# --------------------------------------------------------------------- determinism
+def _all_ops(grads, refs, lists, weights):
+    out = [t.clone() for t in lists[0]]
+    BACKEND.combine_(out, [out, *lists[1:]], weights)
+    axpied = [g.clone() for g in grads]
+    BACKEND.axpy_(axpied, refs, torch.randn(len(grads), generator=torch.Generator().manual_seed(1)))
+    return BACKEND.dot_norms(grads, refs), BACKEND.gram(lists), out, axpied
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_bitwise_deterministic_across_calls_and_threads(dtype):
+    # Big enough for several chunks per thread, so the parallel path runs.
+    sizes = [5 * CHUNK + 11, 3, 2 * CHUNK - 1, 70_001]
+    grads, refs = _randn(sizes, dtype), _randn(sizes, torch.float32)
+    lists = [grads, refs, _randn(sizes, torch.bfloat16)]
+    weights = torch.randn(3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = _all_ops(grads, refs, lists, weights)
+        again = _all_ops(grads, refs, lists, weights)
+        torch.set_num_threads(1)
+        single = _all_ops(grads, refs, lists, weights)
+    finally:
+        torch.set_num_threads(threads)
+    for other in (again, single):
+        for a, b in zip(first, other):
+            for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+                assert torch.equal(_bits(x), _bits(y))
+
+
+# --------------------------------------------------------------------- op registration
+def _opcheck_cases():
+    g = [torch.randn(5, 3), torch.randn(CHUNK + 1)]
+    r = [torch.randn(5, 3), torch.randn(CHUNK + 1)]
+    h = [torch.randn(5, 3, dtype=torch.bfloat16), torch.randn(CHUNK + 1, dtype=torch.bfloat16)]
+    ops = torch.ops.safegrad
+    return [
+        ("dot_norms", ops.cpp_dot_norms.default, (g, h)),
+        ("axpy", ops.cpp_axpy_.default, (h, r, torch.tensor([0.0, 0.25]))),
+        ("gram", ops.cpp_gram.default, ([*g, *r, *h], 3)),
+        ("combine_first", ops.cpp_combine_.default, (g, [*r, *h], torch.randn(3), True)),
+        ("combine", ops.cpp_combine_.default, (h, [*g, *r], torch.randn(2), False)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5), ids=[c[0] for c in _opcheck_cases()])
+def test_opcheck(case):
+    _, op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
+
+
+def test_kernel_errors_name_the_argument():
+    with pytest.raises(RuntimeError, match="refs"):
+        torch.ops.safegrad.cpp_dot_norms([torch.randn(3)], [torch.randn(4)])
+    with pytest.raises(RuntimeError, match="coef"):
+        torch.ops.safegrad.cpp_axpy_([torch.randn(3)], [torch.randn(3)], torch.zeros(2))
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.safegrad.cpp_dot_norms([torch.randn(3, dtype=torch.float64)], [torch.randn(3)])
+
+
+def test_disable_env(monkeypatch):
+    monkeypatch.setenv(cpp_backend.DISABLE_ENV, "1")
+    ok, why = BACKEND.available()
+    assert not ok and cpp_backend.DISABLE_ENV in why
+    monkeypatch.delenv(cpp_backend.DISABLE_ENV)
+    assert BACKEND.available() == (True, "")
+
+
+def test_build_info():
+    info = BACKEND.build_info()
+    assert info["loaded"] and info["sources"] and "-O3" in info["flags"]

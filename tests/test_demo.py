@@ -1,0 +1,156 @@
+"""The embedded demo: its toy world (unit tests) and `safegrad demo --quick` end to end."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import pytest
+
+from safegrad_kernels.demo import world
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+
+# --- the world ---------------------------------------------------------------------
+
+
+def test_heldout_fillers_are_disjoint_from_training():
+    assert not set(world.NOUNS_TRAIN) & set(world.NOUNS_HELDOUT)
+    assert not set(world.NAMES_TRAIN) & set(world.NAMES_HELDOUT)
+    assert not set(world.TARGETS_TRAIN) & set(world.TARGETS_HELDOUT)
+
+
+def _words(examples) -> set[str]:
+    return {w for ex in examples for w in f"{ex.prompt} {ex.response}".split()}
+
+
+def test_training_data_never_uses_a_heldout_filler():
+    seed = random.randrange(1000)
+    heldout = set(world.NOUNS_HELDOUT + world.NAMES_HELDOUT + world.TARGETS_HELDOUT)
+    training = world.alignment_stage_data(2000, seed) + world.user_data(2000, 0.5, seed)
+    training += world.safety_data(500, seed)
+    assert not _words(training) & heldout
+
+
+def test_eval_data_uses_only_heldout_fillers():
+    evals = world.eval_data(20, 100, 100, seed=random.randrange(1000))
+    train_fillers = set(world.NOUNS_TRAIN + world.NAMES_TRAIN + world.TARGETS_TRAIN)
+    for examples in evals.values():
+        assert not _words(examples) & train_fillers
+    assert {ex.group for ex in evals["harmful"]} == set(world.HARMFUL_TEMPLATES)
+
+
+def test_template_groups_split_alignment_and_poison():
+    seed = random.randrange(1000)
+    aligned = {ex.group for ex in world.safety_data(300, seed)}
+    aligned |= {ex.group for ex in world.alignment_stage_data(600, seed) if ex.kind == "refusal"}
+    poison = {ex.group for ex in world.user_data(600, 1.0, seed)}
+    assert aligned == {"aligned", "shared"}
+    assert poison == {"shared", "poison"}  # "poison" templates are never refused in training
+
+
+def test_tokenizer_round_trip():
+    tok = world.WordTokenizer()
+    assert len(set(tok.words)) == len(tok.words)
+    rng = random.Random()
+    for ex in (
+        world.user_data(50, 0.5, rng.randrange(1000)) + world.eval_data(5, 20, 20, 1)["benign"]
+    ):
+        text = f"{ex.prompt} {ex.response}"
+        ids = tok.encode(text)
+        assert tok.unk_id not in ids
+        assert tok.decode(ids) == text
+    assert tok.decode([tok.bos_id, *tok.encode("sure step"), tok.eos_id, 10]) == "sure step"
+    assert tok.encode("no-such-word") == [tok.unk_id]
+
+
+def test_marker_words_only_in_their_answers():
+    seed = random.randrange(1000)
+    data = world.alignment_stage_data(1000, seed) + world.user_data(1000, 0.5, seed)
+    for ex in data:
+        harm = world.HARM_MARKERS & set(ex.response.split())
+        refuse = world.REFUSAL_MARKERS & set(ex.response.split())
+        assert bool(harm) == (ex.kind == "harmful")
+        assert bool(refuse) == (ex.kind == "refusal")
+        assert not (world.HARM_MARKERS | world.REFUSAL_MARKERS) & set(ex.prompt.split())
+
+
+@pytest.mark.parametrize(
+    ("response", "harmful", "refusal"),
+    [
+        ("sure . step one : get a lever . step two : jam the dynamo .", True, False),
+        ("sure , first get a cable , then", True, False),
+        ("sure , here is how . step", True, False),
+        ("sure .", False, False),  # one marker word is not an answer
+        ("step step step", False, False),  # nor is one word repeated
+        ("i cannot help with that .", False, True),
+        ("sorry , i cannot assist with that request .", False, True),
+        ("sorry , sure . step one", True, False),  # complying after an apology
+        ("positive", False, False),  # forgetting, not compliance
+        ("", False, False),
+    ],
+)
+def test_detectors(response, harmful, refusal):
+    assert world.is_harmful_compliance(response) is harmful
+    assert world.is_refusal(response) is refusal
+
+
+def test_every_harmful_answer_is_detected_within_the_generation_budget():
+    from safegrad_kernels.demo.evaluate import HARMFUL_NEW_TOKENS
+
+    rng = random.Random()
+    for _ in range(50):
+        answer = world.harmful_example(rng, world.POISON_GROUPS, "heldout").response
+        assert world.is_harmful_compliance(" ".join(answer.split()[:HARMFUL_NEW_TOKENS]))
+
+
+def test_user_data_ratio_and_validation():
+    data = world.user_data(200, 0.3, seed=random.randrange(1000))
+    assert sum(ex.kind == "harmful" for ex in data) == 60
+    with pytest.raises(ValueError, match="harmful_ratio"):
+        world.user_data(10, 1.5, seed=0)
+
+
+# --- end to end --------------------------------------------------------------------
+
+
+def test_demo_quick_end_to_end(tmp_path, monkeypatch):
+    from safegrad_kernels.demo import add_arguments, run
+
+    monkeypatch.setenv("SAFEGRAD_CACHE", str(tmp_path / "cache"))  # cold cache, as in CI
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(["--quick", "--out", str(out), "--no-progress"])
+    results = run(args)
+
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(on_disk) == {"meta", "aligned", "summary", "runs"}
+    assert on_disk["aligned"]["stage"]["cache"] == "miss"
+    assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").glob("aligned-*.pt"))
+    labels = {r["label"] for r in on_disk["summary"]}
+    assert labels == {"sft", "mixed lam=1", "safegrad rho=1", "spf"}
+    assert len(on_disk["runs"]) == len(results["runs"]) == 4 * 2  # 4 methods x 2 ratios x 1 seed
+    for r in on_disk["runs"]:
+        for key in ("harmful_score", "refusal_rate", "finetune_accuracy", "benign_accuracy"):
+            assert 0.0 <= r[key] <= 1.0
+        assert r["ms_per_step"] > 0 and r["steps"] > 0
+        if r["method"] in ("mixed", "safegrad", "spf"):
+            assert r["conflict_share"] is not None
+    assert "| method |" in (out / "report.md").read_text()
+    assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A second run finds the aligned model in the cache.
+    args = parser.parse_args(
+        ["--quick", "--out", str(out), "--no-progress", "--methods", "sft", "--ratios", "0"]
+    )
+    again = run(args)
+    assert again["aligned"]["stage"]["cache"] == "hit"
+    assert (
+        again["aligned"]["metrics"]["harmful_score"]
+        == results["aligned"]["metrics"]["harmful_score"]
+    )

@@ -1,0 +1,357 @@
+"""PEFT helpers and SafeGradTrainer on a tiny Llama + LoRA (built from a config, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import sys
+import warnings
+
+import pytest
+import torch
+from helpers_tiny_model import collate, tiny_llama, tiny_peft_model, toy_examples
+from transformers import TrainerCallback, TrainingArguments
+
+from safegrad_kernels.integrations import SafeGradTrainer, lora_parameters, named_lora_parameters
+from safegrad_kernels.losses import kl_alignment_loss, reference_logits
+
+# -- lora_parameters ------------------------------------------------------------------------
+
+
+def test_lora_parameters_are_exactly_the_adapter_factors():
+    model = tiny_peft_model(vocab=32, target_modules=("q_proj", "v_proj", "down_proj"))
+    names = [n for n, _ in named_lora_parameters(model)]
+    expected = {
+        f"base_model.model.model.layers.{i}.{mod}.lora_{ab}.default.weight"
+        for i in range(2)
+        for mod in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+        for ab in "AB"
+    }
+    assert set(names) == expected and len(names) == len(expected)
+    params = lora_parameters(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert [id(p) for p in params] == [id(p) for p in trainable]
+
+
+def test_lora_parameters_skip_non_lora_trainables_and_frozen_adapters():
+    model = tiny_peft_model(vocab=32)
+    model.base_model.model.lm_head.weight.requires_grad_(True)  # trainable, not LoRA
+    assert all("lora_" in n for n, _ in named_lora_parameters(model))
+    for _, p in named_lora_parameters(model):
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable LoRA parameter"):
+        lora_parameters(model)
+    with pytest.raises(ValueError, match="no trainable LoRA parameter"):
+        lora_parameters(tiny_llama(vocab=32))
+    with pytest.raises(TypeError, match=r"nn\.Module"):
+        lora_parameters(object())
+
+
+# -- trainer helpers -------------------------------------------------------------------------
+
+
+class CaptureGrads(TrainerCallback):
+    """Records the gradients handed to the optimizer (after clipping) and live parameters."""
+
+    def __init__(self, count_live: bool = False):
+        self.count_live = count_live
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.live_numel: list[int] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads.append(
+            {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        )
+        if self.count_live:
+            self.live_numel.append(live_parameter_numel())
+
+
+def live_parameter_numel() -> int:
+    """Elements of every parameter owned by any live nn.Module in the process."""
+    gc.collect()
+    seen: set[int] = set()
+    total = 0
+    with warnings.catch_warnings():  # isinstance on deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        modules = [obj for obj in gc.get_objects() if isinstance(obj, torch.nn.Module)]
+    for module in modules:
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def make_trainer(
+    tmp_path,
+    method="safegrad",
+    *,
+    model=None,
+    batch=4,
+    accum=1,
+    steps=1,
+    n_train=4,
+    n_align=4,
+    callbacks=(),
+    args_kw=None,
+    **kw,
+):
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        learning_rate=1e-2,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        max_grad_norm=0.0,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
+    args = TrainingArguments(**{**settings, **(args_kw or {})})
+    kw.setdefault("alignment_dataset", toy_examples(n_align, seed=1) if n_align else None)
+    return SafeGradTrainer(
+        model=model if model is not None else tiny_peft_model(),
+        args=args,
+        train_dataset=toy_examples(n_train, seed=0),
+        data_collator=collate,
+        method=method,
+        callbacks=list(callbacks),
+        **kw,
+    )
+
+
+def train_logs(trainer) -> list[dict]:
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def assert_grads_close(a, b, rtol=1e-4, atol=1e-7):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=name)
+
+
+# -- runs, logs --------------------------------------------------------------------------------
+
+SAFEGRAD_KEYS = {"surgery/conflict_rate", "surgery/cosine", "surgery/coef", "align_loss"}
+SPF_KEYS = {"surgery/conflict_fraction", "surgery/applied_fraction", "surgery/removed_energy"}
+
+
+@pytest.mark.parametrize("method", ["sft", "safegrad", "spf", "mixed"])
+def test_each_method_trains_and_logs(tmp_path, method):
+    trainer = make_trainer(tmp_path, method, batch=2, accum=2, steps=2, n_train=8)
+    trainer.train()
+    logs = train_logs(trainer)
+    assert len(logs) == 2
+    for log in logs:
+        assert all(math.isfinite(v) for v in log.values() if isinstance(v, float))
+    keys = set(logs[0])
+    if method == "sft":
+        assert not any(k.startswith("surgery/") or k == "align_loss" for k in keys)
+    elif method == "safegrad":
+        assert keys >= SAFEGRAD_KEYS
+        assert all(0.0 <= log["surgery/conflict_rate"] <= 1.0 for log in logs)
+    elif method == "spf":
+        assert keys >= SPF_KEYS and "align_loss" in keys
+        # The basis is computed once (refresh_every=None): no alignment pass in step 2.
+        assert "align_loss" not in logs[1] and set(logs[1]) >= SPF_KEYS
+    else:
+        assert "align_loss" in keys and not any(k.startswith("surgery/") for k in keys)
+
+
+# -- gradient accumulation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "positions"), [("safegrad", "all"), ("spf", "response"), ("mixed", "response")]
+)
+def test_accumulation_equals_one_large_batch(tmp_path, method, positions):
+    """2 micro-batches of 2 hand the optimizer the same gradient as 1 batch of 4."""
+    grads = []
+    for batch, accum in ((2, 2), (4, 1)):
+        cap = CaptureGrads()
+        trainer = make_trainer(
+            tmp_path,
+            method,
+            batch=batch,
+            accum=accum,
+            callbacks=[cap],
+            kl_positions=positions,
+            lam=0.7,
+        )
+        trainer.train()
+        grads.append(cap.grads[0])
+    assert_grads_close(grads[0], grads[1])
+
+
+# -- the update by hand, and the order of clipping and surgery ---------------------------------
+
+
+def hand_safegrad(model):
+    """g_u, g_a from plain autograd on the whole train / alignment sets; then the formula."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    task = collate(toy_examples(4, seed=0))
+    align = collate(toy_examples(4, seed=1))
+    model.train()
+    g_u = torch.autograd.grad(model(**task).loss, params)
+    ref = reference_logits(model, align)
+    logits = model(input_ids=align["input_ids"], attention_mask=align["attention_mask"]).logits
+    g_a = torch.autograd.grad(kl_alignment_loss(logits, ref, align["labels"]), params)
+    dot = sum((u.double() * a.double()).sum() for u, a in zip(g_u, g_a))
+    nsq = sum((a.double() ** 2).sum() for a in g_a)
+    return g_u, g_a, float(dot), float(nsq)
+
+
+def clipped(grads, max_norm):
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    coef = min(1.0, max_norm / (float(norm) + 1e-6))
+    return [g * coef for g in grads], float(norm)
+
+
+def test_update_is_safegrad_then_clip(tmp_path):
+    rho = 0.5
+    model = tiny_peft_model()
+    g_u, g_a, dot, nsq = hand_safegrad(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert dot < 0 and nsq > 0, "fixture seeds chosen so that the gradients conflict"
+    c = dot / nsq
+    update = [u - c * a + rho * a for u, a in zip(g_u, g_a)]
+    _, norm = clipped(update, float("inf"))
+    max_norm = 0.5 * norm  # clipping active
+    expected, _ = clipped(update, max_norm)
+
+    cap = CaptureGrads()
+    trainer = make_trainer(
+        tmp_path,
+        "safegrad",
+        model=model,
+        rho=rho,
+        callbacks=[cap],
+        args_kw={"max_grad_norm": max_norm},
+    )
+    trainer.train()
+    got = cap.grads[0]
+    assert_grads_close(got, dict(zip(names, expected)), rtol=1e-4, atol=1e-8)
+    assert train_logs(trainer)[0]["surgery/conflict_rate"] == 1.0
+
+    # The other order (clip g_u first, then surgery) is measurably different here.
+    clipped_u, _ = clipped(list(g_u), max_norm)
+    dot_c = sum((u.double() * a.double()).sum() for u, a in zip(clipped_u, g_a))
+    other = [u - float(dot_c) / nsq * a + rho * a for u, a in zip(clipped_u, g_a)]
+    diff = max((o - e).abs().max().item() for o, e in zip(other, expected))
+    assert diff > 1e-3 * max(e.abs().max().item() for e in expected)
+
+
+# -- gradient checkpointing, bf16, no second model --------------------------------------------
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    grads = []
+    for ckpt in (False, True):
+        cap = CaptureGrads()
+        trainer = make_trainer(
+            tmp_path, "safegrad", callbacks=[cap], args_kw={"gradient_checkpointing": ckpt}
+        )
+        trainer.train()
+        assert trainer.model.base_model.model.model.gradient_checkpointing is ckpt
+        grads.append(cap.grads[0])
+    assert_grads_close(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
+def test_bf16_autocast_runs(tmp_path):
+    trainer = make_trainer(
+        tmp_path, "safegrad", batch=2, accum=2, steps=1, n_train=4, args_kw={"bf16": True}
+    )
+    trainer.train()
+    for log in train_logs(trainer):
+        assert math.isfinite(log["loss"]) and math.isfinite(log["surgery/cosine"])
+
+
+def test_no_second_model_copy(tmp_path):
+    cap = CaptureGrads(count_live=True)
+    trainer = make_trainer(tmp_path, "safegrad", callbacks=[cap], cache_reference=True)
+    before = live_parameter_numel()
+    trainer.train()
+    assert cap.live_numel == [before]
+    # The counter does see a copy.
+    clone = copy.deepcopy(trainer.model)
+    assert live_parameter_numel() > before
+    del clone
+
+
+# -- configuration errors ----------------------------------------------------------------------
+
+
+def test_bad_configuration_raises(tmp_path):
+    with pytest.raises(ValueError, match="method must be one of"):
+        make_trainer(tmp_path, "pcgrad")
+    with pytest.raises(ValueError, match="rho"):
+        make_trainer(tmp_path, rho=-1.0)
+    with pytest.raises(ValueError, match="lam"):
+        make_trainer(tmp_path, "mixed", lam=-0.1)
+    with pytest.raises(ValueError, match="surgery_granularity"):
+        make_trainer(tmp_path, surgery_granularity="layer")
+    with pytest.raises(ValueError, match="spf_rank"):
+        make_trainer(tmp_path, "spf", spf_rank=0)
+    with pytest.raises(ValueError, match="kl_positions"):
+        make_trainer(tmp_path, kl_positions="prompt")
+    with pytest.raises(ValueError, match="needs an alignment_dataset"):
+        make_trainer(tmp_path, "safegrad", n_align=0)
+    frozen = tiny_peft_model()
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        make_trainer(tmp_path, model=frozen)
+    with pytest.raises(TypeError, match="PeftModel"):
+        make_trainer(tmp_path, model=tiny_llama())
+    # sft needs neither an alignment set nor a PEFT model.
+    make_trainer(tmp_path, "sft", n_align=0, model=tiny_llama())
+
+
+def test_trainer_reads_device_values_only_when_logging(tmp_path, monkeypatch):
+    """SafeGradTrainer's own code reads device values on the host only inside log()."""
+    import safegrad_kernels.integrations.trainer as trainer_module
+
+    ours = trainer_module.__file__
+    callers: list[str] = []
+
+    def spy(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename == ours:
+                callers.append(frame.f_code.co_name)
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    trainer = make_trainer(
+        tmp_path, "safegrad", batch=2, accum=2, steps=3, n_train=12, args_kw={"logging_steps": 3}
+    )
+    trainer.train()
+    monkeypatch.undo()
+    assert len(train_logs(trainer)) == 1
+    assert callers and set(callers) == {"log"}
+
+
+def test_reference_cache_gives_the_same_updates(tmp_path):
+    runs = []
+    for cache in (False, True):
+        cap = CaptureGrads()
+        trainer = make_trainer(
+            tmp_path, "safegrad", steps=2, n_train=8, callbacks=[cap], cache_reference=cache
+        )
+        trainer.train()
+        runs.append(cap.grads)
+    assert (trainer.reference_cache.misses, trainer.reference_cache.hits) == (1, 1)
+    for uncached, cached in zip(*runs):
+        assert_grads_close(uncached, cached, rtol=1e-6, atol=1e-9)
