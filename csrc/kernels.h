@@ -1,27 +1,32 @@
 // Inner loops over one contiguous span: the only code that touches tensor elements.
 //
-// Reductions keep kLanes independent fp32 partial sums (lane k takes elements
-// i = k mod kLanes) and fold the lanes in a fixed tree at the end. The lane loop has a
-// constant trip count and no cross-lane dependency, so the compiler turns it into plain
-// vector FMAs without needing permission to reassociate (-ffast-math would make the
-// result depend on the compiler's choices; this way the order is written down here).
-// Element i's lane is fixed relative to the chunk start, never to the address, so the
-// result does not depend on the tensor's alignment either.
+// Reductions keep kLanes independent fp32 partial sums (element i of a span goes to lane
+// i mod kLanes) and fold the lanes in a fixed tree at the end. Lanes are fixed relative
+// to the span start, never to the address, so a result depends neither on the tensor's
+// alignment nor on the thread that ran it. The vector main loops and the scalar code
+// (the tails, and compilers without vector extensions) assign elements to the same
+// lanes with the same operations, so both paths give bitwise equal sums. No
+// -ffast-math: the summation order is the one written here.
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "convert.h"
 
 namespace safegrad {
 
-// 32 lanes = 2 AVX-512 or 4 AVX2 registers per running sum: enough independent chains
-// to hide FMA latency (4 cycles, 2 per cycle) while the loop waits on memory.
+// 32 lanes = 2 vectors of 16 per running sum: enough independent chains to hide FMA
+// latency (4 cycles, 2 per cycle) while the loop waits on memory.
 constexpr int kLanes = 32;
 
 // Sub-block of the generic (any-dtype-per-list) kernels: lists are widened into fp32
 // scratch of this many elements each, small enough to stay in L1 for a few lists.
 constexpr int64_t kSub = 1024;
+
+#if SAFEGRAD_VECTOR
+static_assert(kLanes == 2 * kVec, "the vector loops keep two vectors per running sum");
+#endif
 
 inline float fold_lanes(float* lanes) {
   for (int width = kLanes / 2; width > 0; width /= 2) {
@@ -36,6 +41,22 @@ void dot_norms_span(const typename G::storage* __restrict__ g,
                     const typename R::storage* __restrict__ r, int64_t n, float* out3) {
   float dot[kLanes] = {}, rr[kLanes] = {}, gg[kLanes] = {};
   const int64_t full = n - n % kLanes;
+#if SAFEGRAD_VECTOR
+  vf32 d0 = {}, d1 = {}, r0 = {}, r1 = {}, g0 = {}, g1 = {};
+  for (int64_t i = 0; i < full; i += kLanes) {
+    const vf32 a0 = G::vload(g + i), a1 = G::vload(g + i + kVec);
+    const vf32 b0 = R::vload(r + i), b1 = R::vload(r + i + kVec);
+    d0 += a0 * b0;
+    d1 += a1 * b1;
+    r0 += b0 * b0;
+    r1 += b1 * b1;
+    g0 += a0 * a0;
+    g1 += a1 * a1;
+  }
+  store_bytes(dot, d0), store_bytes(dot + kVec, d1);
+  store_bytes(rr, r0), store_bytes(rr + kVec, r1);
+  store_bytes(gg, g0), store_bytes(gg + kVec, g1);
+#else
   for (int64_t i = 0; i < full; i += kLanes) {
     for (int k = 0; k < kLanes; ++k) {
       const float a = G::load(g[i + k]);
@@ -45,6 +66,7 @@ void dot_norms_span(const typename G::storage* __restrict__ g,
       gg[k] += a * a;
     }
   }
+#endif
   for (int k = 0; k < n - full; ++k) {
     const float a = G::load(g[full + k]);
     const float b = R::load(r[full + k]);
@@ -61,32 +83,59 @@ void dot_norms_span(const typename G::storage* __restrict__ g,
 template <class G, class R>
 void axpy_span(typename G::storage* __restrict__ g, const typename R::storage* __restrict__ r,
                float c, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) g[i] = G::store(G::load(g[i]) + c * R::load(r[i]));
+  int64_t i = 0;
+#if SAFEGRAD_VECTOR
+  for (; i + kVec <= n; i += kVec) G::vstore(g + i, G::vload(g + i) + c * R::vload(r + i));
+#endif
+  for (; i < n; ++i) g[i] = G::store(G::load(g[i]) + c * R::load(r[i]));
 }
 
 // dst[0, n) = widened src; dst[n, padded) = 0 (the padding adds nothing to a dot product).
 template <class T>
 void widen_span(const typename T::storage* __restrict__ src, int64_t n, int64_t padded,
                 float* __restrict__ dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = T::load(src[i]);
-  for (int64_t i = n; i < padded; ++i) dst[i] = 0.0f;
+  int64_t i = 0;
+#if SAFEGRAD_VECTOR
+  for (; i + kVec <= n; i += kVec) F32::vstore(dst + i, T::vload(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = T::load(src[i]);
+  for (; i < padded; ++i) dst[i] = 0.0f;
 }
 
 // lanes[k] += sum over i = k mod kLanes of a[i] * b[i]; n is a multiple of kLanes.
 inline void dot_lanes(const float* __restrict__ a, const float* __restrict__ b, int64_t n,
                       float* __restrict__ lanes) {
-  float acc[kLanes];
-  for (int k = 0; k < kLanes; ++k) acc[k] = lanes[k];
+#if SAFEGRAD_VECTOR
+  vf32 s0 = F32::vload(lanes), s1 = F32::vload(lanes + kVec);
   for (int64_t i = 0; i < n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k] * b[i + k];
+    s0 += F32::vload(a + i) * F32::vload(b + i);
+    s1 += F32::vload(a + i + kVec) * F32::vload(b + i + kVec);
   }
-  for (int k = 0; k < kLanes; ++k) lanes[k] = acc[k];
+  F32::vstore(lanes, s0);
+  F32::vstore(lanes + kVec, s1);
+#else
+  for (int64_t i = 0; i < n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += a[i + k] * b[i + k];
+  }
+#endif
 }
 
-// acc = w * x (first list) or acc += w * x (later lists).
+// acc = w * x (first list) or acc += w * x (later lists). `src` may alias the output
+// tensor of a combine (acc is scratch, so that is harmless).
 template <class T, bool kFirst>
 void scale_add_span(const typename T::storage* src, float w, int64_t n, float* __restrict__ acc) {
-  for (int64_t i = 0; i < n; ++i) {
+  int64_t i = 0;
+#if SAFEGRAD_VECTOR
+  for (; i + kVec <= n; i += kVec) {
+    const vf32 x = T::vload(src + i);
+    if constexpr (kFirst) {
+      F32::vstore(acc + i, w * x);
+    } else {
+      F32::vstore(acc + i, F32::vload(acc + i) + w * x);
+    }
+  }
+#endif
+  for (; i < n; ++i) {
     const float x = T::load(src[i]);
     if constexpr (kFirst) {
       acc[i] = w * x;
@@ -98,7 +147,11 @@ void scale_add_span(const typename T::storage* src, float w, int64_t n, float* _
 
 template <class T>
 void store_span(const float* __restrict__ acc, int64_t n, typename T::storage* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = T::store(acc[i]);
+  int64_t i = 0;
+#if SAFEGRAD_VECTOR
+  for (; i + kVec <= n; i += kVec) T::vstore(dst + i, F32::vload(acc + i));
+#endif
+  for (; i < n; ++i) dst[i] = T::store(acc[i]);
 }
 
 }  // namespace safegrad

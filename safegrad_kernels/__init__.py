@@ -12,6 +12,8 @@ Importing needs only torch: Triton and the compiled C++ extension are optional
 accelerators, loaded on first use (``safegrad info`` reports what is available).
 """
 
+from .integrations import lora_parameters, named_lora_parameters
+from .losses import ReferenceCache, kl_alignment_loss, reference_logits, response_token_count
 from .ops import (
     BackendUnavailable,
     available_backends,
@@ -39,6 +41,7 @@ __all__ = [
     "BackendUnavailable",
     "PCGrad",
     "PCGradStats",
+    "ReferenceCache",
     "SPFStats",
     "SafeGrad",
     "SafeGradStats",
@@ -49,6 +52,11 @@ __all__ = [
     "combine_",
     "dot_norms",
     "gram",
+    "kl_alignment_loss",
+    "lora_parameters",
+    "named_lora_parameters",
     "pcgrad_",
     "project_conflicting_",
+    "reference_logits",
+    "response_token_count",
 ]

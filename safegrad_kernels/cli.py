@@ -1,14 +1,14 @@
 """The ``safegrad`` command: ``info | demo | train | eval``.
 
-Each subcommand's module is imported only when it runs, so ``safegrad info`` works with
-torch alone and ``--help`` is instant. Exit codes: 0 success, 2 bad arguments or bad data
-(the message names the file, line and field), 1 a backend that cannot run.
+Heavy dependencies (transformers, peft, the demo's plotting) are imported only by the
+subcommand that needs them, so ``safegrad info`` needs nothing but torch. Exit codes: 0
+success; 2 bad arguments or bad data (the message names the file, line and field); 1 an
+unavailable backend or demo.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata
 import json
 import os
@@ -16,6 +16,9 @@ import platform
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from .data import DataError
+from .ops.dispatch import BackendUnavailable
 
 __all__ = ["build_parser", "collect_info", "main"]
 
@@ -219,8 +222,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``safegrad`` console script; returns the exit code."""
-    from .data import DataError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
@@ -232,10 +233,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataError as err:
         print(f"safegrad {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:
-        from .ops.dispatch import BackendUnavailable
-
-        if isinstance(err, BackendUnavailable):
-            print(f"safegrad {args.command}: error: {err}", file=sys.stderr)
-            return 1
-        raise
+    except BackendUnavailable as err:
+        print(f"safegrad {args.command}: error: {err}", file=sys.stderr)
+        return 1

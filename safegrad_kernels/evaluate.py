@@ -16,6 +16,7 @@ GSM8K-style tasks (the number after ``####``, else the last number, in answer an
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import re
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DataError, Example, SupervisedCollator, load_examples, prompt_ids
-from .train import positive_int
+from .train import load_causal_lm, load_tokenizer, positive_int
 
 __all__ = [
     "REFUSAL_PHRASES",
@@ -196,35 +197,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.float32
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         dtype = torch.bfloat16
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.model, local_files_only=True, trust_remote_code=args.trust_remote_code
-    )
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model,
-        local_files_only=True,
-        trust_remote_code=args.trust_remote_code,
-        **_dtype_kwarg(dtype),
-    )
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_causal_lm(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
     if args.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter)
     model.to(device).eval()
     return model, tokenizer, device
-
-
-def _dtype_kwarg(dtype: Any) -> dict[str, Any]:
-    # transformers 5 renamed from_pretrained's `torch_dtype` to `dtype`.
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
 
 
 def generate(
@@ -241,10 +226,13 @@ def generate(
     import torch
     from tqdm.auto import tqdm
 
-    pad_id = (
-        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    )
+    pad_id = tokenizer.pad_token_id
     collate = SupervisedCollator(pad_id, padding_side="left")
+    # Greedy, whatever sampling defaults the model ships (Llama-3-Instruct's
+    # generation_config.json sets temperature 0.6 / top_p 0.9, which greedy ignores noisily).
+    config = copy.deepcopy(model.generation_config)
+    config.update(do_sample=False, temperature=None, top_p=None, top_k=None, num_beams=1)
+    config.update(max_new_tokens=max_new_tokens, pad_token_id=pad_id)
     encoded = [prompt_ids(e, tokenizer, style) for e in examples]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
@@ -255,9 +243,7 @@ def generate(
             out = model.generate(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
+                generation_config=config,
             )
         width = batch["input_ids"].shape[1]
         for row, i in enumerate(index):

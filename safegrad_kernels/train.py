@@ -44,8 +44,10 @@ from .data import (
     sample_examples,
 )
 
-__all__ = ["METHODS", "add_arguments", "run"]
+__all__ = ["METHODS", "add_arguments", "load_causal_lm", "load_tokenizer", "positive_int", "run"]
 
+# The same names as integrations.trainer.METHODS, which cannot be imported here without
+# importing transformers (seconds) for `safegrad --help`; a test checks they agree.
 METHODS = ("sft", "safegrad", "spf", "mixed")
 
 # Options that must equal the saved run's for ``--resume`` to continue the same experiment.
@@ -130,6 +132,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const="last",
         metavar="CHECKPOINT",
         help="continue from the last checkpoint in --output-dir (or from CHECKPOINT)",
+    )
+    io.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the data, draw the mixture, print the plan and stop (no model load)",
     )
     io.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code from --model's directory"
@@ -444,6 +451,33 @@ def _training_arguments(args: argparse.Namespace, bf16: bool) -> Any:
     return TrainingArguments(**kwargs)
 
 
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a local model directory, with a pad token (EOS if it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of every loss and attention, so reusing EOS is harmless.
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:
+        raise DataError(f"{path}: the tokenizer has neither a pad nor an EOS token")
+    return tokenizer
+
+
+def load_causal_lm(path: str, *, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """A causal LM from a local directory only (``local_files_only``: never a download)."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    # transformers 5 renamed from_pretrained's `torch_dtype` to `dtype`.
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return AutoModelForCausalLM.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_remote_code, **{key: dtype}
+    )
+
+
 def _dtype(name: str, bf16: bool) -> Any:
     import torch
 
@@ -488,11 +522,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + (f"; resuming from {checkpoint}" if checkpoint else "")
     )
 
+    if args.dry_run:
+        return {"dry_run": True, "counts": counts, "resume_from": checkpoint, "config": config}
+
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import set_seed
 
-    from .evaluate import _dtype_kwarg
     from .integrations.trainer import SafeGradTrainer
 
     if args.bf16 == "auto":
@@ -500,14 +536,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         bf16 = args.bf16 == "on"
     config["bf16_resolved"] = bf16
-    tokenizer = AutoTokenizer.from_pretrained(
-        args.model, local_files_only=True, trust_remote_code=args.trust_remote_code
-    )
-    if tokenizer.pad_token_id is None:
-        # Padding is masked out of both losses, so reusing EOS is harmless.
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.pad_token_id is None:
-        raise DataError(f"{args.model}: the tokenizer has neither a pad nor an EOS token")
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     train_set = SupervisedDataset(
         mixture, tokenizer, max_length=args.max_length, style=args.prompt_style
     )
@@ -521,15 +550,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"left after truncation to --max-length {args.max_length}"
             )
 
-    training_args = _training_arguments(args, bf16)  # seeds nothing yet; Trainer does
-    from transformers import set_seed
-
+    training_args = _training_arguments(args, bf16)
     set_seed(args.seed)  # the LoRA init below must not depend on what ran before
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model,
-        local_files_only=True,
-        trust_remote_code=args.trust_remote_code,
-        **_dtype_kwarg(_dtype(args.model_dtype, bf16)),
+    model = load_causal_lm(
+        args.model, dtype=_dtype(args.model_dtype, bf16), trust_remote_code=args.trust_remote_code
     )
     if args.gradient_checkpointing:
         model.enable_input_require_grads()

@@ -13,11 +13,13 @@ from safegrad_kernels.data import (
     DataError,
     Example,
     SupervisedCollator,
+    SupervisedDataset,
     build_mixture,
     check_ratio,
     format_prompt,
     load_examples,
     read_records,
+    tokenize_example,
 )
 
 
@@ -201,3 +203,49 @@ def test_prompts_role_makes_the_response_optional(tmp_path):
     ]
     with pytest.raises(DataError, match="missing field 'response'"):
         load_examples(path, role="eval")
+
+
+def _word_tokenizer(words):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    specials = ["<unk>", "<pad>", "<s>", "</s>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(words)))}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+def test_tokenize_masks_the_prompt_and_appends_eos():
+    tok = _word_tokenizer(["say", "hi", "there", "friend"])
+    example = Example("say hi", "there friend")
+    item = tokenize_example(example, tok, max_length=64, style="plain")
+    ids = tok.convert_tokens_to_ids
+    assert item["input_ids"] == ids(["<s>", "say", "hi", "there", "friend", "</s>"])
+    assert item["labels"] == [IGNORE_INDEX] * 3 + ids(["there", "friend", "</s>"])
+    short = tokenize_example(example, tok, max_length=4, style="plain")
+    assert short["input_ids"] == item["input_ids"][:4] and short["labels"] == item["labels"][:4]
+    data = SupervisedDataset(
+        [example, Example("say hi there friend", "hi")], tok, max_length=4, style="plain"
+    )
+    assert len(data) == 2 and data.n_without_response == 1  # the second prompt fills all 4
+
+
+def test_chat_style_uses_the_template_without_a_second_bos():
+    tok = _word_tokenizer(["say", "hi", "there", "<|user|>", "<|assistant|>"])
+    tok.chat_template = (
+        "<s> {% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    item = tokenize_example(Example("say hi", "there"), tok, max_length=64, style="chat")
+    tokens = tok.convert_ids_to_tokens(item["input_ids"])
+    assert tokens == ["<s>", "<|user|>", "say", "hi", "<|assistant|>", "there", "</s>"]
+    assert item["labels"][:5] == [IGNORE_INDEX] * 5

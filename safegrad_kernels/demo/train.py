@@ -48,7 +48,7 @@ class AlignSpec:
 class UserSpec:
     """User-stage recipe: LoRA r=8/alpha=16 as the paper's scripts; lr and steps scaled down."""
 
-    samples: int = 1000
+    samples: int = 800
     epochs: int = 2
     batch_size: int = 16
     # At 1e-3 (the feasibility run's) 124 steps left both the task and the poison

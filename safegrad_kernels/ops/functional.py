@@ -140,7 +140,9 @@ def combine_(
         )
     # Decided on the caller's objects: localizing DTensors makes new local tensor objects.
     out_is_first = all(o is t for o, t in zip(out, lists[0]))
-    (out, *lists), _ = distributed.localize(out, *lists, names=["out", *(f"lists[{j}]" for j in range(len(lists)))])
+    (out, *lists), _ = distributed.localize(
+        out, *lists, names=["out", *(f"lists[{j}]" for j in range(len(lists)))]
+    )
     rest = lists[1:] if out_is_first else lists
     validate.check_weights(weights, len(lists), out[0].device if out else None)
     library.combine_(out, [t for lst in rest for t in lst], weights, out_is_first, backend)

@@ -87,7 +87,7 @@ def _signature(kernel: str, dt: int, aligned: bool) -> tuple[dict[str, str], dic
         const = {"IN_DT": dt, "OUT_DT": dt, **tile}
     elif kernel == "_segment_sum_kernel":
         sig = {"partial": "*fp32", "first": "*i64", "out": "*fp32", "n_segments": "i32"}
-        sig["K"] = "i32"
+        sig |= {"K": "i32", "STRIDE": "i32"}
         const = {"BLOCK_S": SEGMENTS_PER_PROGRAM, "BLOCK_C": SEGMENT_LANES}
     else:
         raise ValueError(f"unknown kernel {kernel!r}")

@@ -281,7 +281,7 @@ class TritonBackend(Backend):
         device = grads[0].device
         tab = _table([grads, refs])
         out = torch.empty(len(grads), 3, dtype=torch.float32, device=device)
-        partial = torch.empty(max(tab.n_chunks, 1) * 3, dtype=torch.float32, device=device)
+        partial = torch.empty(max(tab.n_chunks, 1) * 4, dtype=torch.float32, device=device)
         with _on(device):
             if tab.n_chunks:
                 _launch(
@@ -291,7 +291,7 @@ class TritonBackend(Backend):
                 )  # fmt: skip
             _launch(
                 k._segment_sum_kernel, (triton_cdiv(len(grads), SEGMENTS_PER_PROGRAM),),
-                partial, tab.first, out, len(grads), 3,
+                partial, tab.first, out, len(grads), 3, 4,
                 BLOCK_S=SEGMENTS_PER_PROGRAM, BLOCK_C=SEGMENT_LANES, num_warps=4,
             )  # fmt: skip
         return out
@@ -325,7 +325,7 @@ class TritonBackend(Backend):
                 )  # fmt: skip
             _launch(
                 k._segment_sum_kernel, (1,),
-                partial, tab.whole, out, 1, m * m,
+                partial, tab.whole, out, 1, m * m, m * m,
                 BLOCK_S=1, BLOCK_C=GRAM_SEGMENT_LANES, num_warps=4,
             )  # fmt: skip
         return out
