@@ -23,6 +23,7 @@
 
 #if SAFEGRAD_VECTOR
 #define SAFEGRAD_INLINE inline __attribute__((always_inline))
+#pragma GCC diagnostic ignored "-Wpsabi"  // vectors never cross a non-inlined call
 #else
 #define SAFEGRAD_INLINE inline
 #endif
@@ -46,8 +47,15 @@ SAFEGRAD_INLINE bool is_nan(float f) { return f != f; }
 SAFEGRAD_INLINE uint32_t select(bool m, uint32_t a, uint32_t b) { return m ? a : b; }
 
 #if SAFEGRAD_VECTOR
-// 16 fp32 lanes: one AVX-512 register, two AVX2 registers, four SSE/NEON registers.
+// One vector = one native register. Generic vectors wider than the target's registers
+// compile badly: 64-byte vectors under AVX2 kept GCC 12's accumulators on the stack.
+#if defined(__AVX512F__)
 constexpr int kVec = 16;
+#elif defined(__AVX__)
+constexpr int kVec = 8;
+#else
+constexpr int kVec = 4;  // SSE2, NEON
+#endif
 typedef float vf32 __attribute__((vector_size(4 * kVec)));
 typedef uint32_t vu32 __attribute__((vector_size(4 * kVec)));
 typedef uint16_t vu16 __attribute__((vector_size(2 * kVec)));

@@ -16,8 +16,9 @@
 
 namespace safegrad {
 
-// 32 lanes = 2 vectors of 16 per running sum: enough independent chains to hide FMA
-// latency (4 cycles, 2 per cycle) while the loop waits on memory.
+// 32 lanes per running sum (2 AVX-512 or 4 AVX2 vectors): enough independent chains to
+// hide FMA latency (4 cycles, 2 per cycle) while the loop waits on memory. Part of the
+// numerics (it fixes the summation order), so not a per-machine tuning knob.
 constexpr int kLanes = 32;
 
 // Sub-block of the generic (any-dtype-per-list) kernels: lists are widened into fp32
@@ -25,7 +26,8 @@ constexpr int kLanes = 32;
 constexpr int64_t kSub = 1024;
 
 #if SAFEGRAD_VECTOR
-static_assert(kLanes == 2 * kVec, "the vector loops keep two vectors per running sum");
+static_assert(kLanes % kVec == 0, "a running sum is a whole number of vectors");
+constexpr int kVecs = kLanes / kVec;  // vectors per running sum
 #endif
 
 inline float fold_lanes(float* lanes) {
@@ -42,20 +44,21 @@ void dot_norms_span(const typename G::storage* __restrict__ g,
   float dot[kLanes] = {}, rr[kLanes] = {}, gg[kLanes] = {};
   const int64_t full = n - n % kLanes;
 #if SAFEGRAD_VECTOR
-  vf32 d0 = {}, d1 = {}, r0 = {}, r1 = {}, g0 = {}, g1 = {};
+  vf32 vdot[kVecs] = {}, vrr[kVecs] = {}, vgg[kVecs] = {};
   for (int64_t i = 0; i < full; i += kLanes) {
-    const vf32 a0 = G::vload(g + i), a1 = G::vload(g + i + kVec);
-    const vf32 b0 = R::vload(r + i), b1 = R::vload(r + i + kVec);
-    d0 += a0 * b0;
-    d1 += a1 * b1;
-    r0 += b0 * b0;
-    r1 += b1 * b1;
-    g0 += a0 * a0;
-    g1 += a1 * a1;
+    for (int j = 0; j < kVecs; ++j) {
+      const vf32 a = G::vload(g + i + j * kVec);
+      const vf32 b = R::vload(r + i + j * kVec);
+      vdot[j] += a * b;
+      vrr[j] += b * b;
+      vgg[j] += a * a;
+    }
   }
-  store_bytes(dot, d0), store_bytes(dot + kVec, d1);
-  store_bytes(rr, r0), store_bytes(rr + kVec, r1);
-  store_bytes(gg, g0), store_bytes(gg + kVec, g1);
+  for (int j = 0; j < kVecs; ++j) {
+    store_bytes(dot + j * kVec, vdot[j]);
+    store_bytes(rr + j * kVec, vrr[j]);
+    store_bytes(gg + j * kVec, vgg[j]);
+  }
 #else
   for (int64_t i = 0; i < full; i += kLanes) {
     for (int k = 0; k < kLanes; ++k) {
@@ -106,13 +109,14 @@ void widen_span(const typename T::storage* __restrict__ src, int64_t n, int64_t 
 inline void dot_lanes(const float* __restrict__ a, const float* __restrict__ b, int64_t n,
                       float* __restrict__ lanes) {
 #if SAFEGRAD_VECTOR
-  vf32 s0 = F32::vload(lanes), s1 = F32::vload(lanes + kVec);
+  vf32 acc[kVecs];
+  for (int j = 0; j < kVecs; ++j) acc[j] = F32::vload(lanes + j * kVec);
   for (int64_t i = 0; i < n; i += kLanes) {
-    s0 += F32::vload(a + i) * F32::vload(b + i);
-    s1 += F32::vload(a + i + kVec) * F32::vload(b + i + kVec);
+    for (int j = 0; j < kVecs; ++j) {
+      acc[j] += F32::vload(a + i + j * kVec) * F32::vload(b + i + j * kVec);
+    }
   }
-  F32::vstore(lanes, s0);
-  F32::vstore(lanes + kVec, s1);
+  for (int j = 0; j < kVecs; ++j) F32::vstore(lanes + j * kVec, acc[j]);
 #else
   for (int64_t i = 0; i < n; i += kLanes) {
     for (int k = 0; k < kLanes; ++k) lanes[k] += a[i + k] * b[i + k];

@@ -8,10 +8,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import random  # noqa: E402
+import random
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def pytest_report_header(config):
