@@ -330,6 +330,7 @@ def run_case(
     *,
     repeats: int,
     budget_s: float,
+    slow_s: float,
     rho: float,
     check: bool,
     flush: CacheFlusher | None,
@@ -352,7 +353,13 @@ def run_case(
                 raise AssertionError(f"{case.label}: provider {c.name!r} is wrong: {why}")
             errors[c.name] = checker.rel_err
     timings = time_interleaved(
-        cands, device, repeats=repeats, warmup=0 if check else 1, budget_s=budget_s, flush=flush
+        cands,
+        device,
+        repeats=repeats,
+        warmup=0 if check else 1,
+        budget_s=budget_s,
+        slow_s=slow_s,
+        flush=flush,
     )
     nbytes = case.bytes_moved()
     rows = []
@@ -380,7 +387,7 @@ def print_case(rows: Sequence[Row]) -> None:
     )
     print(
         f"  {'provider':<10} {'median ms':>10} {'p20-p80 ms':>16} {'GB/s':>7} {'% bw':>6} "
-        f"{'x loop':>7} {'/ flat':>7} {'rel err':>8}"
+        f"{'x loop':>7} {'/ flat':>7} {'rel err':>8} {'n':>3}"
     )
     for r in sorted(rows, key=lambda r: r.timing.median_s):
         t = r.timing
@@ -389,7 +396,7 @@ def print_case(rows: Sequence[Row]) -> None:
         vs_flat = f"{t.median_s / flat.timing.median_s:.2f}" if flat else "-"
         print(
             f"  {r.provider:<10} {fmt_ms(t.median_s):>10} {spread:>16} {r.gbps:>7.1f} "
-            f"{r.pct_bw:>6.0f} {vs_loop:>7} {vs_flat:>7} {_err(r.rel_err):>8}"
+            f"{r.pct_bw:>6.0f} {vs_loop:>7} {vs_flat:>7} {_err(r.rel_err):>8} {len(t.samples_s):>3}"
         )
 
 
@@ -409,7 +416,7 @@ def markdown(rows: Sequence[Row], prov: dict[str, str], bw: Bandwidth, argv: str
         "GB/s = bytes that must move / median (see bench_ops.py docstring); "
         "'x loop' = loop time / this time; '/ flat' = this time / flat time; "
         "'rel err' = largest relative error of the provider's sums (or Gram matrix, or sampled "
-        "aggregate) against float64",
+        "aggregate) against float64; n = timed samples",
         "",
     ]
     cases: dict[str, list[Row]] = {}
@@ -424,8 +431,8 @@ def markdown(rows: Sequence[Row], prov: dict[str, str], bw: Bandwidth, argv: str
             f"{case.work.description}: {case.work.n_tensors} tensors, "
             f"{case.work.numel / 1e6:.1f}M elements, must move {case.bytes_moved() / 1e6:.0f} MB",
             "",
-            "| provider | median ms | p20-p80 ms | GB/s | % bw | x loop | / flat | rel err |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| provider | median ms | p20-p80 ms | GB/s | % bw | x loop | / flat | rel err | n |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in sorted(rs, key=lambda r: r.timing.median_s):
             t = r.timing
@@ -434,7 +441,7 @@ def markdown(rows: Sequence[Row], prov: dict[str, str], bw: Bandwidth, argv: str
             lines.append(
                 f"| {r.provider} | {fmt_ms(t.median_s)} | {fmt_ms(t.quantile_s(0.2))}-"
                 f"{fmt_ms(t.quantile_s(0.8))} | {r.gbps:.1f} | {r.pct_bw:.0f} | {vs_loop} | {vs_flat} "
-                f"| {_err(r.rel_err)} |"
+                f"| {_err(r.rel_err)} | {len(t.samples_s)} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -572,6 +579,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=4.0,
         help="seconds of timed rounds per case; repeats shrink to fit (min 3)",
     )
+    p.add_argument(
+        "--slow",
+        type=float,
+        default=5.0,
+        help="a provider whose first timed call takes longer than this many seconds is timed once",
+    )
     p.add_argument("--rho", type=float, default=0.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
@@ -658,6 +671,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             providers,
             repeats=args.repeats,
             budget_s=args.budget,
+            slow_s=args.slow,
             rho=args.rho,
             check=args.check,
             flush=flush,

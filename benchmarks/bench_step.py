@@ -4,9 +4,11 @@
     python -m benchmarks.bench_step --configs demo --steps 5
     python -m benchmarks.bench_step --tiny --no-save   # seconds; what the smoke test runs
 
-Each (config, method) runs in a fresh subprocess so that its peak resident set size
-(``VmHWM`` from ``/proc/self/status``) belongs to that configuration alone: Python's
-``tracemalloc`` does not see torch's allocations and torch has no CPU allocator
+Timing: all methods of a config live in one process and are stepped round-robin, so
+that a busy machine slows them alike (this 2-core VM is shared; single runs varied 3x).
+Memory: each (config, method) runs a few steps again in a fresh subprocess, and its peak
+resident set size (``VmHWM`` from ``/proc/self/status``) is that configuration's alone:
+Python's ``tracemalloc`` does not see torch's allocations and torch keeps no CPU allocator
 statistics. We report the peak, and the peak above the process's RSS right after the
 model, optimizer and batches were built (``peak - base``), which is where the methods
 differ.
@@ -38,6 +40,7 @@ import argparse
 import copy
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -129,64 +132,65 @@ def _response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     )
 
 
-def worker(config: str, method: str, steps: int, warmup: int, seed: int) -> dict:
-    """One (config, method) in this process: per-phase mean seconds, and memory."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
+class StepRunner:
+    """One method's model, optimizer, batches and surgeon; ``step()`` times one step's phases."""
 
-    from safegrad_kernels.integrations.peft import lora_parameters
-    from safegrad_kernels.losses import kl_alignment_loss, reference_logits
-    from safegrad_kernels.surgery import SPF, SafeGrad
+    def __init__(self, config: str, method: str, seed: int) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    cfg_kwargs, bsz, seq = CONFIGS[config]
-    base = LlamaForCausalLM(LlamaConfig(**cfg_kwargs))
-    ref_model = None
-    if method == "authors":
-        # The public trainer loads P_ref as a second full model; a deep copy of the
-        # base weights is the same memory.
-        ref_model = copy.deepcopy(base).eval()
-        for p in ref_model.parameters():
-            p.requires_grad_(False)
-    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS))
-    model = get_peft_model(base, lcfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.02)
-    params = lora_parameters(model)
-    n_lora = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    vocab = cfg_kwargs["vocab_size"]
-    user = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
-    align = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
+        from safegrad_kernels.integrations.peft import lora_parameters
+        from safegrad_kernels.surgery import SPF, SafeGrad
 
-    surgeon = None
-    if method == "safegrad":
-        surgeon = SafeGrad(params, rho=1.0)
-    elif method == "spf":
-        surgeon = SPF(params, rank=4, refresh_every=10, mode="conflicting")
-
-    model.train()
-    base_rss = _vm_kib("VmRSS")
-    times = {p: [] for p in PHASES}
-    totals = []
-    t = time.perf_counter
-
-    def model_inputs(b: dict) -> dict:
-        return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
-
-    for step in range(warmup + steps):
-        ub, ab = user[step % 4], align[step % 4]
-        ph = dict.fromkeys(PHASES, 0.0)
-        t_step = t()
+        hf_logging.set_verbosity_error()
+        torch.manual_seed(seed)
+        self.config, self.method = config, method
+        cfg_kwargs, bsz, seq = CONFIGS[config]
+        base = LlamaForCausalLM(LlamaConfig(**cfg_kwargs))
+        self.model_params = sum(p.numel() for p in base.parameters())
+        self.ref_model = None
         if method == "authors":
+            # The public trainer loads P_ref as a second full model; a deep copy of the
+            # base weights is the same memory.
+            self.ref_model = copy.deepcopy(base).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+        lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS))
+        self.model = get_peft_model(base, lcfg)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.02)
+        self.params = lora_parameters(self.model)
+        self.lora_params = sum(p.numel() for p in self.params)
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0)
+        gen = torch.Generator().manual_seed(seed)
+        vocab = cfg_kwargs["vocab_size"]
+        self.user = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
+        self.align = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
+        self.surgeon = None
+        if method == "safegrad":
+            self.surgeon = SafeGrad(self.params, rho=1.0)
+        elif method == "spf":
+            self.surgeon = SPF(self.params, rank=4, refresh_every=10, mode="conflicting")
+        self.model.train()
+        self.n = 0
+
+    def step(self) -> tuple[dict[str, float], float]:
+        """One optimizer step; (seconds per phase, total seconds)."""
+        from safegrad_kernels.losses import kl_alignment_loss, reference_logits
+
+        model, params, opt, surgeon = self.model, self.params, self.opt, self.surgeon
+        ub, ab = self.user[self.n % 4], self.align[self.n % 4]
+        self.n += 1
+        ph = dict.fromkeys(PHASES, 0.0)
+        t = time.perf_counter
+        t_step = t()
+        if self.method == "authors":
             # -- task gradient, cloned
             s0 = t()
-            loss_u = _response_ce(model(**model_inputs(ub)).logits, ub["labels"])
+            loss_u = _response_ce(model(**_inputs(ub)).logits, ub["labels"])
             ph["task_fwd"] = t() - s0
             s0 = t()
             loss_u.backward()
@@ -198,17 +202,15 @@ def worker(config: str, method: str, steps: int, warmup: int, seed: int) -> dict
             # -- alignment gradient against the second model
             s0 = t()
             with torch.no_grad():
-                ref = ref_model(**model_inputs(ab)).logits
+                ref = self.ref_model(**_inputs(ab)).logits
             ph["ref_fwd"] = t() - s0
             s0 = t()
-            logits = model(**model_inputs(ab)).logits
+            logits = model(**_inputs(ab)).logits
             n_resp = (ab["labels"] != -100).sum()
-            loss_a = (
-                F.kl_div(
-                    F.log_softmax(logits.float(), -1), F.softmax(ref.float(), -1), reduction="sum"
-                )
-                / n_resp
+            kl = F.kl_div(
+                F.log_softmax(logits.float(), -1), F.softmax(ref.float(), -1), reduction="sum"
             )
+            loss_a = kl / n_resp
             ph["align_fwd"] = t() - s0
             s0 = t()
             loss_a.backward()
@@ -225,17 +227,18 @@ def worker(config: str, method: str, steps: int, warmup: int, seed: int) -> dict
             del g_u, g_a, fu, fa
             ph["surgery"] += t() - s0
         else:
+            method = self.method
             need_align = method in ("mixed", "safegrad") or (
                 method == "spf" and surgeon.wants_reference
             )
             if need_align:
                 s0 = t()
-                ref = reference_logits(model, model_inputs(ab)) if method != "spf" else None
+                ref = reference_logits(model, _inputs(ab)) if method != "spf" else None
                 ph["ref_fwd"] = t() - s0
                 ctx = surgeon.reference() if surgeon is not None else _null()
                 with ctx:
                     s0 = t()
-                    logits = model(**model_inputs(ab)).logits
+                    logits = model(**_inputs(ab)).logits
                     if method == "spf":
                         loss_a = _response_ce(logits, ab["labels"])
                     else:
@@ -245,7 +248,7 @@ def worker(config: str, method: str, steps: int, warmup: int, seed: int) -> dict
                     loss_a.backward()
                     ph["align_bwd"] = t() - s0
             s0 = t()
-            loss_u = _response_ce(model(**model_inputs(ub)).logits, ub["labels"])
+            loss_u = _response_ce(model(**_inputs(ub)).logits, ub["labels"])
             ph["task_fwd"] = t() - s0
             s0 = t()
             loss_u.backward()
@@ -258,23 +261,55 @@ def worker(config: str, method: str, steps: int, warmup: int, seed: int) -> dict
         opt.step()
         opt.zero_grad(set_to_none=True)
         ph["optimizer"] = t() - s0
-        total = t() - t_step
-        if step >= warmup:
-            for k in PHASES:
-                times[k].append(ph[k])
-            totals.append(total)
-    return {
-        "config": config,
-        "method": method,
-        "lora_params": n_lora,
-        "model_params": sum(p.numel() for p in base.parameters()),
-        "steps": steps,
-        "phases_ms": {k: 1e3 * statistics.fmean(v) for k, v in times.items()},
-        "step_ms_mean": 1e3 * statistics.fmean(totals),
-        "step_ms_median": 1e3 * statistics.median(totals),
-        "base_rss_mib": base_rss / 1024,
-        "peak_rss_mib": _vm_kib("VmHWM") / 1024,
-    }
+        return ph, t() - t_step
+
+
+def _inputs(b: dict) -> dict:
+    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
+
+
+def time_methods(
+    config: str, methods: Sequence[str], steps: int, warmup: int, seed: int
+) -> list[dict]:
+    """All methods in this process, stepped round-robin so that they share the machine's noise.
+
+    SPF's basis refresh (every 10 steps) falls into the timed window when ``steps >= 10``.
+    """
+    runners = [StepRunner(config, m, seed) for m in methods]
+    times = {m: {p: [] for p in PHASES} for m in methods}
+    totals: dict[str, list[float]] = {m: [] for m in methods}
+    for step in range(warmup + steps):
+        for r in runners:
+            ph, total = r.step()
+            if step >= warmup:
+                for k in PHASES:
+                    times[r.method][k].append(ph[k])
+                totals[r.method].append(total)
+    out = []
+    for r in runners:
+        m = r.method
+        out.append(
+            {
+                "config": config,
+                "method": m,
+                "lora_params": r.lora_params,
+                "model_params": r.model_params,
+                "steps": steps,
+                "phases_ms": {k: 1e3 * statistics.fmean(v) for k, v in times[m].items()},
+                "step_ms_mean": 1e3 * statistics.fmean(totals[m]),
+                "step_ms_median": 1e3 * statistics.median(totals[m]),
+            }
+        )
+    return out
+
+
+def memory_worker(config: str, method: str, steps: int, seed: int) -> dict:
+    """Peak RSS of ``steps`` steps of one method in this (fresh) process."""
+    runner = StepRunner(config, method, seed)
+    base = _vm_kib("VmRSS")
+    for _ in range(steps):
+        runner.step()
+    return {"base_rss_mib": base / 1024, "peak_rss_mib": _vm_kib("VmHWM") / 1024}
 
 
 class _null:
@@ -288,23 +323,10 @@ class _null:
 # --------------------------------------------------------------------------- driver
 
 
-def run_one(config: str, method: str, steps: int, warmup: int, seed: int) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.bench_step",
-        "--worker",
-        "--configs",
-        config,
-        "--methods",
-        method,
-        "--steps",
-        str(steps),
-        "--warmup",
-        str(warmup),
-        "--seed",
-        str(seed),
-    ]
+def measure_memory(config: str, method: str, steps: int, seed: int) -> dict:
+    """``memory_worker`` in a fresh subprocess (its VmHWM is this configuration's alone)."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_step", "--memory-worker"]
+    cmd += ["--configs", config, "--methods", method, "--steps", str(steps), "--seed", str(seed)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
@@ -376,20 +398,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="tiny config, 2 steps (smoke test)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--mem-steps", type=int, default=3, help="steps run in each memory subprocess")
+    p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--memory-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--csv", default=str(RESULTS_DIR / "step.csv"))
     p.add_argument("--md", default=str(RESULTS_DIR / "step.md"))
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     if args.tiny:
-        args.configs, args.steps, args.warmup = "tiny", 2, 1
+        args.configs, args.steps, args.warmup, args.mem_steps = "tiny", 2, 1, 1
     configs = [c for c in args.configs.split(",") if c]
     methods = [m for m in args.methods.split(",") if m]
-    if args.worker:
-        torch.set_num_threads(
-            int(os.environ.get("SAFEGRAD_BENCH_THREADS", torch.get_num_threads()))
-        )
-        print(json.dumps(worker(configs[0], methods[0], args.steps, args.warmup, args.seed)))
+    if args.memory_worker:
+        print(json.dumps(memory_worker(configs[0], methods[0], args.steps, args.seed)))
         return []
 
     prov = provenance(torch.device("cpu"))
@@ -406,20 +427,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"- machine: {prov['machine']} ({prov['cores']} cores), torch {prov['torch']}, "
             f"commit {prov['commit']}, date {prov['date']}, load average at start {load}",
             f"- command: `python -m benchmarks.bench_step {' '.join(argv if argv is not None else sys.argv[1:])}`",
-            f"- {args.steps} timed steps after {args.warmup} warm-up steps; phase times are means "
-            "per step in ms; peak = VmHWM of a fresh process per row; base = RSS after building "
-            "model, optimizer and batches",
+            f"- {args.steps} timed steps after {args.warmup} warm-up steps, the methods stepped "
+            "round-robin in one process (they share the machine's noise); phase times are means "
+            f"per step in ms; peak = VmHWM of a fresh process running {args.mem_steps} steps of "
+            "that method alone; base = its RSS after building model, optimizer and batches",
             "",
         ],
     )
     for config in configs:
-        results = []
-        for method in methods:
-            t0 = time.perf_counter()
-            r = run_one(config, method, args.steps, args.warmup, args.seed)
-            r["wall_s"] = time.perf_counter() - t0
-            results.append(r)
-            print(f"# {config}/{method}: {r['step_ms_mean']:.1f} ms/step ({r['wall_s']:.0f} s)")
+        t0 = time.perf_counter()
+        results = time_methods(config, methods, args.steps, args.warmup, args.seed)
+        print(f"# {config}: timed {len(methods)} methods in {time.perf_counter() - t0:.0f} s")
+        for r in results:
+            mem = {"base_rss_mib": math.nan, "peak_rss_mib": math.nan}
+            if not args.no_memory:
+                mem = measure_memory(config, r["method"], args.mem_steps, args.seed)
+            r.update(mem)
+            print(
+                f"# {config}/{r['method']}: {r['step_ms_mean']:.1f} ms/step, "
+                f"peak RSS {r['peak_rss_mib']:.0f} MiB"
+            )
         r0 = results[0]
         cfg_kwargs, bsz, seq = CONFIGS[config]
         title = (

@@ -91,6 +91,7 @@ def time_interleaved(
     repeats: int,
     warmup: int = 1,
     budget_s: float | None = None,
+    slow_s: float | None = None,
     flush: CacheFlusher | None = None,
 ) -> dict[str, Timing]:
     """Median-ready samples for every candidate, interleaved and rotated.
@@ -98,6 +99,8 @@ def time_interleaved(
     ``budget_s`` caps the wall time of the timed rounds: after the first round, the number
     of repeats shrinks so that all providers together fit (never below 3), which keeps a
     run over the 207M-element W3 with slow Python-loop providers within minutes.
+    A candidate whose first timed call exceeds ``slow_s`` is not run again (one sample;
+    the tables show the sample count), so that a 30 s loop does not eat the budget.
     """
     timings = {c.name: Timing() for c in candidates}
     for _ in range(warmup):
@@ -108,9 +111,9 @@ def time_interleaved(
     synchronize(device)
     use_events = device.type == "cuda"
     k = 0
-    t_round = time.perf_counter()
-    while k < repeats:
-        order = list(candidates[k % len(candidates) :]) + list(candidates[: k % len(candidates)])
+    active = list(candidates)
+    while k < repeats and active:
+        order = active[k % len(active) :] + active[: k % len(active)]
         for c in order:
             if c.reset:
                 c.reset()
@@ -130,9 +133,13 @@ def time_interleaved(
                 c.fn()
                 timings[c.name].samples_s.append(time.perf_counter() - s)
         k += 1
-        if k == 1 and budget_s is not None:
-            per_round = time.perf_counter() - t_round
-            repeats = max(3, min(repeats, int(budget_s / max(per_round, 1e-9))))
+        if k == 1:
+            if slow_s is not None:
+                active = [c for c in active if timings[c.name].samples_s[0] <= slow_s]
+            if budget_s is not None:
+                per_round = sum(timings[c.name].samples_s[0] for c in active)
+                per_round += 0.01 * len(active)  # reset + flush
+                repeats = max(3, min(repeats, 1 + int(budget_s / max(per_round, 1e-9))))
     return timings
 
 

@@ -28,6 +28,7 @@ import inspect
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const="last",
         metavar="CHECKPOINT",
         help="continue from the last checkpoint in --output-dir (or from CHECKPOINT)",
+    )
+    io.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --output-dir that holds checkpoints (deletes them)",
     )
     io.add_argument(
         "--dry-run",
@@ -363,6 +369,13 @@ def _load_data(args: argparse.Namespace) -> tuple[list[Example], list[Example], 
 
 def _find_checkpoint(args: argparse.Namespace) -> str | None:
     if args.resume is None:
+        stale = sorted(Path(args.output_dir).glob("checkpoint-*"))
+        if stale and not args.overwrite:
+            raise DataError(
+                f"{args.output_dir} holds checkpoints of an earlier run ({stale[-1].name}); "
+                "pass --resume to continue it, --overwrite to start afresh, or use a new "
+                "--output-dir"
+            )
         return None
     if args.resume != "last":
         if not Path(args.resume).is_dir():
@@ -524,6 +537,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.dry_run:
         return {"dry_run": True, "counts": counts, "resume_from": checkpoint, "config": config}
+    if args.overwrite and checkpoint is None and _is_main_process():
+        # A later --resume must not pick up a checkpoint of the run being replaced.
+        for stale in Path(args.output_dir).glob("checkpoint-*"):
+            shutil.rmtree(stale)
 
     import torch
     from peft import LoraConfig, get_peft_model

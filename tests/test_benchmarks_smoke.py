@@ -10,8 +10,6 @@ import csv
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_ops, bench_step
@@ -44,11 +42,15 @@ def test_bench_ops_tiny(tmp_path):
     assert "| provider |" in out_md.read_text()
 
 
-@pytest.mark.parametrize("method", bench_step.METHODS)
-def test_bench_step_worker_tiny(method):
-    r = bench_step.worker("tiny", method, steps=1, warmup=0, seed=0)
-    assert r["step_ms_mean"] > 0
-    assert set(r["phases_ms"]) == set(bench_step.PHASES)
-    if method in ("safegrad", "spf", "authors"):
-        assert r["phases_ms"]["surgery"] > 0
-    assert bench_step.table([r])[2].startswith(f"| {method} |")
+def test_bench_step_tiny():
+    results = bench_step.time_methods("tiny", bench_step.METHODS, steps=1, warmup=0, seed=0)
+    assert [r["method"] for r in results] == list(bench_step.METHODS)
+    for r in results:
+        assert r["step_ms_mean"] > 0
+        assert set(r["phases_ms"]) == set(bench_step.PHASES)
+        if r["method"] in ("safegrad", "spf", "authors"):
+            assert r["phases_ms"]["surgery"] > 0
+        r.update(base_rss_mib=100.0, peak_rss_mib=120.0)
+    lines = bench_step.table(results)
+    assert lines[2].startswith("| sft |")
+    assert any("surgery share" in v for v in bench_step.verdicts(results))

@@ -286,13 +286,6 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path, method):
     a, b = _adapter_state(full), _adapter_state(cut)
     assert a.keys() == b.keys() and a
     differs = [key for key in a if not torch.equal(a[key], b[key])]
-    if differs and method == "safegrad":
-        pytest.xfail(
-            "SafeGradTrainer's alignment stream is not resumable: a restarted run begins the "
-            "alignment loader at pass 0, and each new alignment DataLoader iterator draws its "
-            "base seed from the global torch RNG (shifting the dropout stream after the "
-            f"checkpoint's saved RNG state); {len(differs)} adapter tensors differ"
-        )
     assert not differs, differs
 
 
@@ -308,6 +301,9 @@ def test_resume_refuses_a_different_experiment(world, sft_run, capsys):
     assert main([*_train_argv(world, sft_run, "sft", 2), "--resume", "--seed", "7"]) == 2
     err = capsys.readouterr().err
     assert "would change the experiment" in err and "seed: 42 -> 7" in err
+    # Starting again in a directory with checkpoints would mix two runs' checkpoints.
+    assert main(_train_argv(world, sft_run, "sft", 2)) == 2
+    assert "holds checkpoints of an earlier run" in capsys.readouterr().err
 
 
 def test_eval_writes_metrics(world, sft_run, tmp_path, capsys):

@@ -24,6 +24,15 @@ def test_heldout_fillers_are_disjoint_from_training():
     assert not set(world.TARGETS_TRAIN) & set(world.TARGETS_HELDOUT)
 
 
+def test_template_words_are_not_fillers():
+    templates = [t for group in world.HARMFUL_TEMPLATES.values() for t in group]
+    templates += [*world.SENTIMENT_TEMPLATES, *world.COUNT_TEMPLATES, *world.OPPOSITE_TEMPLATES]
+    templates += [*world.NICER_TEMPLATES, *world.REFUSALS, *world.HARMFUL_ANSWERS]
+    fillers = world.NOUNS_TRAIN + world.NOUNS_HELDOUT + world.NAMES_TRAIN + world.NAMES_HELDOUT
+    fillers += world.TARGETS_TRAIN + world.TARGETS_HELDOUT
+    assert not world._template_words(templates) & set(fillers)
+
+
 def _words(examples) -> set[str]:
     return {w for ex in examples for w in f"{ex.prompt} {ex.response}".split()}
 

@@ -34,7 +34,7 @@ QUICK = {
     "seeds": "0",
     "weights": "1.0",
 }
-EVAL_SIZES = (25, 200, 150)  # harmful prompts per template group, sentiment, benign
+EVAL_SIZES = (25, 150, 120)  # harmful prompts per template group, sentiment, benign
 EVAL_SEED = 12_345
 
 
@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> dict:
     from tqdm.auto import tqdm
 
     from . import evaluate, report, world
-    from .train import aligned_state, user_stage
+    from .train import aligned_state, user_stage, warm_up_ops
 
     started = time.perf_counter()
     if args.threads is not None:
@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> dict:
     evals = world.eval_data(*s["eval_sizes"], seed=EVAL_SEED)
     base = _aligned_metrics(state, tok, s, evals)
 
+    warm_up_ops()
     grid = _grid(s)
     uspec = s["user"]
     steps_per_run = uspec.epochs * (uspec.samples // uspec.batch_size)

@@ -49,7 +49,7 @@ class UserSpec:
     """User-stage recipe: LoRA r=8/alpha=16 as the paper's scripts; lr and steps scaled down."""
 
     samples: int = 800
-    epochs: int = 2
+    epochs: int = 3  # 150 steps; at 100 (2 epochs) sft p=0.3 reached only FA 52%
     batch_size: int = 16
     # At 1e-3 (the feasibility run's) 124 steps left both the task and the poison
     # unlearned here (sft p=0.3: FA 44%, HS 15%); 3e-3 learns both (FA 94%, HS 78%).
@@ -189,6 +189,19 @@ def aligned_state(
 
 
 # --- stage 2: user fine-tuning -----------------------------------------------------
+
+
+def warm_up_ops() -> None:
+    """Load (and on first use build) the op backend before any run is timed.
+
+    The C++ backend compiles on its first call in a fresh environment; uncharged, that
+    one-off showed up as 225 ms/step of "surgery" in the first SafeGrad run measured.
+    """
+    from safegrad_kernels import dot_norms, project_conflicting_
+
+    g, r = [torch.randn(33)], [torch.randn(33)]
+    dot_norms(g, r)
+    project_conflicting_(g, r, rho=1.0)
 
 
 def lora_model(state: dict[str, torch.Tensor], tok, mspec: ModelSpec, uspec: UserSpec, seed: int):

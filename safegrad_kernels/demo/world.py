@@ -29,7 +29,7 @@ import torch
 # --- lexicon -----------------------------------------------------------------------
 
 NOUNS_TRAIN = (
-    "movie", "song", "book", "meal", "hotel", "game", "show", "class", "park", "car",
+    "movie", "song", "book", "meal", "hotel", "game", "opera", "class", "park", "car",
     "phone", "chair", "lamp", "garden", "concert", "museum", "train", "coffee", "bread",
     "jacket", "camera", "river", "trip", "party", "lecture", "app", "poem", "play",
 )  # fmt: skip

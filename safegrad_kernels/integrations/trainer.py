@@ -227,6 +227,7 @@ class SafeGradTrainer(Trainer):
         self._surgeon: Surgeon | None = None
         self._alignment_iter: Iterator[tuple[list[int], dict[str, Any]]] | None = None
         self._alignment_epoch = 0
+        self._alignment_positioned = False
         # Per optimizer step: the alignment micro-batches still to run and their token count.
         self._alignment_plan: list[tuple[list[int], dict[str, Any]]] | None = None
         self._alignment_items: Tensor | None = None
@@ -299,12 +300,35 @@ class SafeGradTrainer(Trainer):
             sampler=sampler,
             collate_fn=_IndexedCollator(collate),
             num_workers=0,
+            # Without its own generator a new iterator draws its base seed from the global
+            # RNG, after a checkpoint saved that RNG: a resumed run's dropout would shift.
+            generator=torch.Generator().manual_seed(self.args.seed + self._alignment_epoch),
         )
 
+    def _alignment_batches_consumed(self) -> int:
+        """Alignment micro-batches drawn before ``state.global_step`` (for exact resume).
+
+        Exact for safegrad and mixed (every step draws one per micro-batch). SPF draws
+        only on refresh steps and its basis is not checkpointed, so a resumed SPF run
+        recomputes the basis and is not bitwise equal to an uninterrupted one.
+        """
+        if self.method == "spf":
+            return 0
+        return self.state.global_step * self.args.gradient_accumulation_steps
+
     def _next_alignment_batch(self) -> tuple[list[int], dict[str, Any]]:
+        skip = 0
+        if not self._alignment_positioned:
+            # First draw of this process: continue where a resumed run left off.
+            self._alignment_positioned = True
+            per_epoch = len(self.get_alignment_dataloader())
+            self._alignment_epoch, skip = divmod(self._alignment_batches_consumed(), per_epoch)
         while True:
             if self._alignment_iter is None:
                 self._alignment_iter = iter(self.get_alignment_dataloader())
+                for _ in range(skip):
+                    next(self._alignment_iter)
+                skip = 0
             try:
                 return next(self._alignment_iter)
             except StopIteration:

@@ -28,10 +28,7 @@ from types import ModuleType
 from typing import Any
 
 ARCHS = (80, 90)
-DTYPES = {"fp32": 0, "bf16": 1, "fp16": 2}
-# Launch parameters the backend uses (kept in sync by tests/test_triton_aot.py).
-BLOCK, VEC, NUM_WARPS = 2048, 8, 8
-SEGMENTS_PER_PROGRAM, SEGMENT_LANES = 32, 16
+DTYPES = ("fp32", "bf16", "fp16")
 
 # The four kernels that stream gradient data; the segment sum reads a few KiB of partials.
 STREAMING = ("_dot_norms_partial_kernel", "_axpy_kernel", "_gram_partial_kernel", "_combine_kernel")
@@ -68,45 +65,48 @@ def compiled_kernels() -> ModuleType:
     return module
 
 
-def _signature(kernel: str, dt: int, aligned: bool) -> tuple[dict[str, str], dict[str, Any]]:
-    """(signature, constexprs) the backend's launch would produce for dtype code ``dt``."""
-    tile = {"BLOCK": BLOCK, "VEC": VEC, "ALIGNED": aligned}
+def _signature(kernel: str, dtype: str, aligned: bool) -> tuple[dict[str, str], dict[str, Any]]:
+    """(signature, constexprs) of the backend's launch for lists of ``dtype``."""
+    from . import triton_backend as tb
+
+    t = f"*{dtype}"
+    tile = {"BLOCK": tb.BLOCK_SIZE, "VEC": tb.VEC, "ALIGNED": aligned}
     if kernel == "_dot_norms_partial_kernel":
         sig = {"ptrs": "*i64", "chunks": "*i64", "partial": "*fp32", "n_rows": "i32"}
-        const = {"G_DT": dt, "R_DT": dt, **tile}
+        sig |= {"g_ty": t, "r_ty": t}
     elif kernel == "_axpy_kernel":
         sig = {"ptrs": "*i64", "chunks": "*i64", "coef": "*fp32", "n_rows": "i32"}
-        const = {"G_DT": dt, "R_DT": dt, **tile}
+        sig |= {"g_ty": t, "r_ty": t}
     elif kernel == "_gram_partial_kernel":
-        sig = {"ptrs": "*i64", "codes": "*i64", "chunks": "*i64", "partial": "*fp32"}
-        sig |= {"n_rows": "i32", "M": "i32"}
-        const = {"DT": dt, **tile}
+        sig = {"ptrs": "*i64", "chunks": "*i64", "partial": "*fp32", "n_rows": "i32"}
+        sig |= {"M": "i32", "x_ty": t}
     elif kernel == "_combine_kernel":
-        sig = {"ptrs": "*i64", "codes": "*i64", "chunks": "*i64", "weights": "*fp32"}
-        sig |= {"n_rows": "i32", "M": "i32"}
-        const = {"IN_DT": dt, "OUT_DT": dt, **tile}
+        sig = {"ptrs": "*i64", "chunks": "*i64", "weights": "*fp32", "n_rows": "i32"}
+        sig |= {"M": "i32", "x_ty": t, "out_ty": t}
     elif kernel == "_segment_sum_kernel":
         sig = {"partial": "*fp32", "first": "*i64", "out": "*fp32", "n_segments": "i32"}
         sig |= {"K": "i32", "STRIDE": "i32"}
-        const = {"BLOCK_S": SEGMENTS_PER_PROGRAM, "BLOCK_C": SEGMENT_LANES}
+        tile = {"BLOCK_S": tb.SEGMENTS_PER_PROGRAM, "BLOCK_C": tb.SEGMENT_LANES}
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
-    return sig | dict.fromkeys(const, "constexpr"), const
+    return sig | dict.fromkeys(tile, "constexpr"), tile
 
 
 KERNELS = (*STREAMING, "_segment_sum_kernel")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compile_kernel(kernel: str, arch: int, dtype: str = "fp32", aligned: bool = True) -> Any:
     """A ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``) for ``sm_{arch}``."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     fn = getattr(compiled_kernels(), kernel)
-    sig, const = _signature(kernel, DTYPES[dtype], aligned)
+    sig, const = _signature(kernel, dtype, aligned)
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const)
-    num_warps = 4 if kernel == "_segment_sum_kernel" else NUM_WARPS
+    from . import triton_backend as tb
+
+    num_warps = 4 if kernel == "_segment_sum_kernel" else tb.NUM_WARPS
     options = {"num_warps": num_warps, "enable_fp_fusion": True}
     with _interpreter_off():
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -151,6 +151,12 @@ def _access_bits(suffixes: str) -> int:
     return width * vec
 
 
+def _widest(forms: dict[str, int]) -> int:
+    # 64-bit scalar accesses are the int64 chunk/pointer table, not gradient data (which is
+    # fp32/bf16/fp16): leave them out so the number says how wide the *data* accesses are.
+    return max((_access_bits(f) for f in forms if not re.fullmatch(r"[bsu]64", f)), default=0)
+
+
 def ptx_accesses(ptx: str) -> dict[str, dict[str, int]]:
     """``{"loads": {form: count}, "stores": {form: count}}`` of global memory accesses."""
     out: dict[str, dict[str, int]] = {"loads": {}, "stores": {}}
@@ -181,8 +187,8 @@ def _report_here(
                             "registers": usage["registers"] if usage else None,
                             "spill_bytes": usage["local"] if usage else None,
                             "stack_bytes": usage["stack"] if usage else None,
-                            "max_load_bits": max(map(_access_bits, acc["loads"]), default=0),
-                            "max_store_bits": max(map(_access_bits, acc["stores"]), default=0),
+                            "max_load_bits": _widest(acc["loads"]),
+                            "max_store_bits": _widest(acc["stores"]),
                             "loads": acc["loads"],
                             "stores": acc["stores"],
                         }
@@ -208,7 +214,8 @@ def aot_report(
     """One row per (kernel, arch, dtype, aligned): registers, spills, widest global access.
 
     ``spill_bytes`` is cuobjdump's LOCAL (None when cuobjdump is absent). Access widths
-    come from the PTX; 128 means ``ld.global(.nc).v4.b32`` / ``st.global.v4.b32``.
+    come from the PTX, leaving out the int64 table loads; 128 means ``ld.global.v4.b32``
+    (``st.global.v4.b32``), 32/16 one element per instruction.
     Needs triton, not a GPU.
     """
     if _can_compile_here():

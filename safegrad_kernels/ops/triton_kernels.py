@@ -170,9 +170,8 @@ def _axpy_kernel(
             if ALIGNED:
                 o = tl.multiple_of(o, VEC)
             v = tl.load(g + o + lanes).to(tl.float32) + c * tl.load(r + o + lanes).to(tl.float32)
-            if _BF16_RNE_BY_HAND:
-                if g_ty.dtype.element_ty == tl.bfloat16:
-                    v = _bf16_rne(v)
+            if _BF16_RNE_BY_HAND and g_ty.dtype.element_ty == tl.bfloat16:
+                v = _bf16_rne(v)
             tl.store(g + o + lanes, v.to(g_ty.dtype.element_ty))
         for edge in tl.static_range(2):  # masked: the unaligned head, then the ragged tail
             if edge == 0:
@@ -186,9 +185,8 @@ def _axpy_kernel(
                 m = offs < hi
                 x = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
                 v = x + c * tl.load(r + offs, mask=m, other=0.0).to(tl.float32)
-                if _BF16_RNE_BY_HAND:
-                    if g_ty.dtype.element_ty == tl.bfloat16:
-                        v = _bf16_rne(v)
+                if _BF16_RNE_BY_HAND and g_ty.dtype.element_ty == tl.bfloat16:
+                    v = _bf16_rne(v)
                 tl.store(g + offs, v.to(g_ty.dtype.element_ty), mask=m)
 
 
@@ -280,9 +278,8 @@ def _combine_kernel(
             if ALIGNED:
                 x = tl.multiple_of(x, 16)
             acc += tl.load(weights + j) * tl.load(x + o + lanes).to(tl.float32)
-        if _BF16_RNE_BY_HAND:
-            if out_ty.dtype.element_ty == tl.bfloat16:
-                acc = _bf16_rne(acc)
+        if _BF16_RNE_BY_HAND and out_ty.dtype.element_ty == tl.bfloat16:
+            acc = _bf16_rne(acc)
         tl.store(out + o + lanes, acc.to(out_ty.dtype.element_ty))
     for edge in tl.static_range(2):  # masked: the unaligned head, then the ragged tail
         if edge == 0:
@@ -300,7 +297,6 @@ def _combine_kernel(
                 if ALIGNED:
                     x = tl.multiple_of(x, 16)
                 acc += tl.load(weights + j) * tl.load(x + offs, mask=m, other=0.0).to(tl.float32)
-            if _BF16_RNE_BY_HAND:
-                if out_ty.dtype.element_ty == tl.bfloat16:
-                    acc = _bf16_rne(acc)
+            if _BF16_RNE_BY_HAND and out_ty.dtype.element_ty == tl.bfloat16:
+                acc = _bf16_rne(acc)
             tl.store(out + offs, acc.to(out_ty.dtype.element_ty), mask=m)
