@@ -284,6 +284,7 @@ class Row:
     timing: Timing
     gbps: float
     pct_bw: float
+    bw_gbps: float
     rel_err: float = float("nan")
 
 
@@ -335,6 +336,7 @@ def run_case(
     check: bool,
     flush: CacheFlusher | None,
     bw: Bandwidth,
+    strict: bool = False,
 ) -> list[Row]:
     if case.op in PAIR_OPS:
         data = build_pair(case, device, with_gemm="flat-gemm" in providers)
@@ -343,15 +345,21 @@ def run_case(
         data = build_tasks(case, device)
         cands = P.task_candidates(case.op, data, backends, providers)
     errors: dict[str, float] = {}
+    mismatched: set[str] = set()
     if check:
         checker = Checker(case, data)
         for c in cands:
             if c.reset:
                 c.reset()
             why = checker.verify(c.name, c.fn(), rho)
-            if why:
-                raise AssertionError(f"{case.label}: provider {c.name!r} is wrong: {why}")
             errors[c.name] = checker.rel_err
+            if why:
+                # Not fatal: an fp32 provider can legitimately take another branch where a
+                # PCGrad dot is near zero (cat with m = 8 on W1 did). Flagged in the tables.
+                print(f"# WARNING {case.label}: provider {c.name!r} disagrees with float64: {why}")
+                mismatched.add(c.name)
+                if strict:
+                    raise AssertionError(f"{case.label}: provider {c.name!r} is wrong: {why}")
     timings = time_interleaved(
         cands,
         device,
@@ -365,7 +373,17 @@ def run_case(
     rows = []
     for name, t in timings.items():
         gbps = nbytes / t.median_s / 1e9
-        rows.append(Row(case, name, t, gbps, 100 * gbps / bw.best_gbps, errors.get(name, math.nan)))
+        rows.append(
+            Row(
+                case,
+                f"{name}!" if name in mismatched else name,
+                t,
+                gbps,
+                100 * gbps / bw.best_gbps,
+                bw.best_gbps,
+                errors.get(name, math.nan),
+            )
+        )
     del data, cands
     gc.collect()
     return rows
@@ -383,7 +401,8 @@ def print_case(rows: Sequence[Row]) -> None:
     e = ELEMENT_BYTES[case.dtype]
     print(
         f"\n{case.label}  [{case.work.n_tensors} tensors, {case.work.numel / 1e6:.1f}M elements, "
-        f"{e} B/elem, must move {case.bytes_moved() / 1e6:.0f} MB]"
+        f"{e} B/elem, must move {case.bytes_moved() / 1e6:.0f} MB; bandwidth just before: "
+        f"{rows[0].bw_gbps:.1f} GB/s]"
     )
     print(
         f"  {'provider':<10} {'median ms':>10} {'p20-p80 ms':>16} {'GB/s':>7} {'% bw':>6} "
@@ -410,11 +429,13 @@ def markdown(rows: Sequence[Row], prov: dict[str, str], bw: Bandwidth, argv: str
         f"date {prov['date']}, load average at start {prov['loadavg']}",
         f"- memory bandwidth measured in this run (initialised buffers): read "
         f"{bw.read_gbps:.1f} GB/s, copy {bw.copy_gbps:.1f} GB/s, triad {bw.triad_gbps:.1f} GB/s; "
-        f"'% bw' uses the best, {bw.best_gbps:.1f} GB/s",
+        f"'% bw' uses the best streaming figure measured again just before each case "
+        "(the load on this shared VM varies)",
         f"- command: `{argv}`",
         "- time: median over interleaved repeats, spread = 20th-80th percentile; "
         "GB/s = bytes that must move / median (see bench_ops.py docstring); "
         "'x loop' = loop time / this time; '/ flat' = this time / flat time; "
+        "a '!' after a provider = it disagreed with the float64 reference (see the log); "
         "'rel err' = largest relative error of the provider's sums (or Gram matrix, or sampled "
         "aggregate) against float64; n = timed samples",
         "",
@@ -429,7 +450,8 @@ def markdown(rows: Sequence[Row], prov: dict[str, str], bw: Bandwidth, argv: str
             f"## {label}",
             "",
             f"{case.work.description}: {case.work.n_tensors} tensors, "
-            f"{case.work.numel / 1e6:.1f}M elements, must move {case.bytes_moved() / 1e6:.0f} MB",
+            f"{case.work.numel / 1e6:.1f}M elements, must move {case.bytes_moved() / 1e6:.0f} MB; "
+            f"bandwidth measured just before: {rs[0].bw_gbps:.1f} GB/s",
             "",
             "| provider | median ms | p20-p80 ms | GB/s | % bw | x loop | / flat | rel err | n |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -522,7 +544,7 @@ def append_csv(path: Path, rows: Sequence[Row], prov: dict[str, str], bw: Bandwi
                     "bytes": c.bytes_moved(),
                     "gbps": f"{r.gbps:.3f}",
                     "pct_bw": f"{r.pct_bw:.2f}",
-                    "bw_gbps": f"{bw.best_gbps:.3f}",
+                    "bw_gbps": f"{r.bw_gbps:.3f}",
                     "rel_err": f"{r.rel_err:.2e}",
                 }
             )
@@ -588,6 +610,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rho", type=float, default=0.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: torch's). On a shared, oversubscribed VM use 1: "
+        "2-thread OpenMP regions then stall on every op waiting for a descheduled thread",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="W1 project_conflicting_ (conflict) + dot_norms, fp32 and bf16",
@@ -614,6 +643,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--csv", default=str(RESULTS_DIR / "ops.csv"))
     p.add_argument("--md", default=str(RESULTS_DIR / "ops.md"))
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--strict", action="store_true", help="stop when a provider disagrees")
     args = p.parse_args(argv)
     if args.quick:
         args.workloads, args.ops, args.conflict = "W1", "dot_norms,project_conflicting_", "yes"
@@ -634,6 +664,8 @@ def _mem_available_gb() -> float:
 def main(argv: Sequence[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     prov = provenance(device)
     prov["loadavg"] = " ".join(os.getloadavg().__str__().strip("()").split(", "))
     backends = _csv_list(args.backends) or available_backend_names(device, args.allow_interpreter)
@@ -658,6 +690,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     )
     flush = CacheFlusher(device, 8 if args.tiny else 64) if args.flush else None
     rows: list[Row] = []
+    argv_str = "python -m benchmarks.bench_ops " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     t_start = time.perf_counter()
     for case in build_cases(args):
         need = case.memory_estimate(providers) / 2**30
@@ -675,10 +710,14 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             rho=args.rho,
             check=args.check,
             flush=flush,
-            bw=bw,
+            bw=measure_bandwidth(device, megabytes=8 if args.tiny else 256, repeats=3),
+            strict=args.strict,
         )
         print_case(case_rows)
         rows.extend(case_rows)
+        if not args.no_save:  # saved as we go: a long run that dies keeps what it measured
+            append_csv(Path(args.csv), case_rows, prov, bw)
+            Path(args.md).write_text(markdown(rows, prov, bw, argv_str) + "\n")
     bw_end = measure_bandwidth(device, megabytes=64 if args.tiny else 512)
     print(
         f"\n# bandwidth at the end: best {bw_end.best_gbps:.1f} GB/s "
@@ -687,11 +726,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     for line in target_report(rows):
         print(f"# target {line}")
     if not args.no_save and rows:
-        append_csv(Path(args.csv), rows, prov, bw)
-        argv_str = "python -m benchmarks.bench_ops " + " ".join(
-            argv if argv is not None else sys.argv[1:]
-        )
-        Path(args.md).write_text(markdown(rows, prov, bw, argv_str.strip()) + "\n")
+        Path(args.md).write_text(markdown(rows, prov, bw, argv_str) + "\n")
         print(f"# appended {len(rows)} rows to {args.csv}; tables in {args.md}")
     return rows
 

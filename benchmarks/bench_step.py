@@ -91,6 +91,21 @@ CONFIGS: dict[str, tuple[dict, int, int]] = {
         4,
         128,
     ),
+    # Weights dominate, activations small (batch 1 x 64): the regime of a 7B model with
+    # LoRA, where a second full model copy is what costs memory. 118M params, 470 MB fp32.
+    "cpu-wide": (
+        dict(
+            vocab_size=8000,
+            hidden_size=1024,
+            intermediate_size=2752,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            max_position_embeddings=128,
+        ),
+        1,
+        64,
+    ),
     # For the smoke test only.
     "tiny": (
         dict(
@@ -327,6 +342,7 @@ def measure_memory(config: str, method: str, steps: int, seed: int) -> dict:
     """``memory_worker`` in a fresh subprocess (its VmHWM is this configuration's alone)."""
     cmd = [sys.executable, "-m", "benchmarks.bench_step", "--memory-worker"]
     cmd += ["--configs", config, "--methods", method, "--steps", str(steps), "--seed", str(seed)]
+    cmd += ["--threads", str(torch.get_num_threads())]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
@@ -373,7 +389,7 @@ def verdicts(results: Sequence[dict]) -> list[str]:
             f"surgery share of a SafeGrad step: {share:.2f}% (target < 2%: "
             f"{'MET' if share < 2 else 'NOT MET'})"
         )
-    if "safegrad" in by and "authors" in by:
+    if "safegrad" in by and "authors" in by and not math.isnan(by["safegrad"]["peak_rss_mib"]):
         a, s = by["authors"], by["safegrad"]
         da = a["peak_rss_mib"] - a["base_rss_mib"]
         ds = s["peak_rss_mib"] - s["base_rss_mib"]
@@ -397,6 +413,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: torch's). On a shared, oversubscribed VM use 1: "
+        "2-thread OpenMP regions then stall on every op waiting for a descheduled thread",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny config, 2 steps (smoke test)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps run in each memory subprocess")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -409,14 +432,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         args.configs, args.steps, args.warmup, args.mem_steps = "tiny", 2, 1, 1
     configs = [c for c in args.configs.split(",") if c]
     methods = [m for m in args.methods.split(",") if m]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(memory_worker(configs[0], methods[0], args.steps, args.seed)))
         return []
 
     prov = provenance(torch.device("cpu"))
+    prov["threads"] = str(torch.get_num_threads())
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
-        f"# {prov['machine']} | {prov['cores']} cores | torch {prov['torch']} | "
+        f"# {prov['machine']} | {prov['cores']} cores, {prov['threads']} threads | "
+        f"torch {prov['torch']} | "
         f"commit {prov['commit']} | {prov['date']} | load {load}"
     )
     all_results, md = (
@@ -424,7 +451,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         [
             "# bench_step results",
             "",
-            f"- machine: {prov['machine']} ({prov['cores']} cores), torch {prov['torch']}, "
+            f"- machine: {prov['machine']} ({prov['cores']} cores, torch threads {prov['threads']}), "
+            f"torch {prov['torch']}, "
             f"commit {prov['commit']}, date {prov['date']}, load average at start {load}",
             f"- command: `python -m benchmarks.bench_step {' '.join(argv if argv is not None else sys.argv[1:])}`",
             f"- {args.steps} timed steps after {args.warmup} warm-up steps, the methods stepped "
@@ -470,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "commit",
             "machine",
             "cores",
+            "threads",
             "torch",
             "loadavg",
             "config",
@@ -494,6 +523,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                         "commit": prov["commit"],
                         "machine": prov["machine"],
                         "cores": prov["cores"],
+                        "threads": prov["threads"],
                         "torch": prov["torch"],
                         "loadavg": load,
                         **{

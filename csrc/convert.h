@@ -15,10 +15,12 @@
 #include <cstdint>
 #include <cstring>
 
+#ifndef SAFEGRAD_VECTOR  // -DSAFEGRAD_VECTOR=0 forces the scalar loops (tests compare both)
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
 #define SAFEGRAD_VECTOR 1  // vector extensions and __builtin_convertvector
 #else
 #define SAFEGRAD_VECTOR 0  // other compilers: the scalar loops only
+#endif
 #endif
 
 #if SAFEGRAD_VECTOR

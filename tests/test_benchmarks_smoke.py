@@ -29,7 +29,7 @@ def test_workload_shapes_match_the_models():
 def test_bench_ops_tiny(tmp_path):
     out_csv, out_md = tmp_path / "ops.csv", tmp_path / "ops.md"
     rows = bench_ops.main(
-        ["--tiny", "--dtypes", "fp32,bf16", "--csv", str(out_csv), "--md", str(out_md)]
+        ["--tiny", "--strict", "--dtypes", "fp32,bf16", "--csv", str(out_csv), "--md", str(out_md)]
     )
     ops = {r.case.op for r in rows}
     assert ops == set(bench_ops.ALL_OPS)

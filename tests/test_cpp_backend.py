@@ -56,14 +56,6 @@ def _randn(sizes: list[int], dtype: torch.dtype, shift: float = 0.0) -> list[tor
     return [(torch.randn(s) + shift).to(dtype) for s in sizes]
 
 
-def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.dot(a.double().reshape(-1), b.double().reshape(-1))
-
-
-def _abs_dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.dot(a.double().abs().reshape(-1), b.double().abs().reshape(-1))
-
-
 def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.double().reshape(-1) for t in tensors])
 
@@ -92,10 +84,15 @@ def test_dot_norms(layout, gdtype, rdtype):
     got = BACKEND.dot_norms(grads, refs)
     assert got.dtype == torch.float32 and got.shape == (len(sizes), 3)
     oracle = ORACLE.dot_norms(grads, refs)
-    pairs = [(g, r) for g, r in zip(grads, refs)]
-    ref = torch.tensor([[_dot64(g, r), _dot64(r, r), _dot64(g, g)] for g, r in pairs])
+    g64, r64 = _flat(grads), _flat(refs)
+    owner = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+
+    def per_tensor(x):
+        return torch.zeros(len(sizes), dtype=torch.float64).index_add_(0, owner, x)
+
+    ref = torch.stack([per_tensor(g64 * r64), per_tensor(r64 * r64), per_tensor(g64 * g64)], 1)
     # fp32 accumulation error scales with sum |a_i b_i|; inputs are exact in any dtype.
-    scale = torch.tensor([[_abs_dot64(g, r), _dot64(r, r), _dot64(g, g)] for g, r in pairs])
+    scale = torch.stack([per_tensor((g64 * r64).abs()), ref[:, 1], ref[:, 2]], 1)
     _assert_within("dot_norms", got, oracle, ref, 4e-6 * scale + 1e-30)
 
 
@@ -154,9 +151,9 @@ def test_gram(m, layout):
     assert got.dtype == torch.float32 and got.shape == (m, m)
     assert torch.equal(got, got.T)
     oracle = ORACLE.gram(lists)
-    flat = [torch.cat([t.double().reshape(-1) for t in lst]) for lst in lists]
-    ref = torch.stack([torch.stack([a @ b for b in flat]) for a in flat])
-    scale = torch.stack([torch.stack([a.abs() @ b.abs() for b in flat]) for a in flat])
+    flat = torch.stack([_flat(lst) for lst in lists])  # [m, total] float64
+    ref = flat @ flat.T
+    scale = flat.abs() @ flat.abs().T
     _assert_within("gram", got, oracle, ref, 4e-6 * scale + 1e-30)
 
 
@@ -283,3 +280,57 @@ def test_disable_env(monkeypatch):
 def test_build_info():
     info = BACKEND.build_info()
     assert info["loaded"] and info["sources"] and "-O3" in info["flags"]
+
+
+# --------------------------------------------------------------------- scalar fallback
+_SCALAR_CHILD = """
+import sys, torch
+from torch.utils import cpp_extension
+src, flags, name, path = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv[4]
+sources = [str(p) for p in sorted(__import__("pathlib").Path(src).glob("*.cpp"))]
+cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_include_paths=[src],
+                   is_python_module=False, verbose=False)
+ops = torch.ops.safegrad
+data = torch.load(path)
+out = {}
+for key, (g, r, coef, w) in data.items():
+    out[key + "dn"] = [ops.cpp_dot_norms(g, r)]
+    axpied = [t.clone() for t in g]
+    ops.cpp_axpy_(axpied, r, coef)
+    out[key + "ax"] = axpied
+    out[key + "gram"] = [ops.cpp_gram([*g, *r], 2)]
+    comb = [t.clone() for t in g]
+    ops.cpp_combine_(comb, r, w, True)
+    out[key + "co"] = comb
+torch.save(out, path + ".out")
+"""
+
+
+@pytest.mark.slow
+def test_scalar_build_matches_vector_build_bitwise(tmp_path):
+    """Compilers without vector extensions get the scalar loops: same lanes, same bits."""
+    import subprocess
+    import sys
+
+    sizes = [1, 7, 31, 33, 1000, CHUNK - 1, CHUNK + 1, 100_003]
+    data = {}
+    for gd, rd in [(g, r) for g in DTYPES for r in DTYPES]:
+        data[f"{gd}{rd}"] = (_randn(sizes, gd), _randn(sizes, rd), torch.randn(8), torch.randn(2))
+    path = tmp_path / "data.pt"
+    torch.save(data, path)
+    info = BACKEND.build_info()
+    flags = [*info["flags"], "-DSAFEGRAD_VECTOR=0"]
+    name = f"{info['name']}_scalar"
+    child = [sys.executable, "-c", _SCALAR_CHILD, info["sources"], " ".join(flags), name, str(path)]
+    subprocess.run(child, check=True, timeout=600)
+    scalar = torch.load(str(path) + ".out")
+    for key, (g, r, coef, w) in data.items():
+        axpied = [t.clone() for t in g]
+        BACKEND.axpy_(axpied, r, coef)
+        comb = [t.clone() for t in g]
+        BACKEND.combine_(comb, [comb, r], w)
+        vector = {"dn": [BACKEND.dot_norms(g, r)], "ax": axpied, "gram": [BACKEND.gram([g, r])]}
+        vector["co"] = comb
+        for op, tensors in vector.items():
+            for a, b in zip(tensors, scalar[key + op]):
+                assert torch.equal(_bits(a), _bits(b)), f"{key} {op}"

@@ -134,7 +134,8 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     out = tmp_path / "out"
-    args = parser.parse_args(["--quick", "--out", str(out), "--no-progress"])
+    quick = ["--quick", "--out", str(out), "--no-progress"]  # one thread by default
+    args = parser.parse_args(quick)
     results = run(args)
 
     on_disk = json.loads((out / "results.json").read_text())
@@ -154,9 +155,7 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     assert (out / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # A second run finds the aligned model in the cache.
-    args = parser.parse_args(
-        ["--quick", "--out", str(out), "--no-progress", "--methods", "sft", "--ratios", "0"]
-    )
+    args = parser.parse_args([*quick, "--methods", "sft", "--ratios", "0"])
     again = run(args)
     assert again["aligned"]["stage"]["cache"] == "hit"
     assert (

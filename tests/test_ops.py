@@ -24,6 +24,14 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SIZES = [0, 1, 2, 3, 31, 127, 1021, 4095, 4096, 4097, 16383, 16384, 16385]
 # Relative error floors per dtype, on top of 2x plain PyTorch's own error.
 FLOOR = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+# The Triton interpreter evaluates tl.sum over a block's 2048 lanes with numpy along a
+# non-contiguous axis, which numpy sums sequentially (a GPU reduces as a tree): fp32 sums
+# then carry up to ~1e-6 relative error (seen here: median 3e-7, worst 1.2e-6 in 30 seeds).
+REDUCTION_FLOOR = {("triton", torch.float32): 4e-6}
+
+
+def sum_floor(dtype, backend):
+    return REDUCTION_FLOOR.get((backend, dtype), FLOOR[dtype])
 
 
 def _skip_slow_interpreter(backend: str, count: int, limit: int = 7) -> None:
@@ -72,11 +80,11 @@ def plain_dot_norms(grads, refs):
     return torch.stack([dot, rr, gg])
 
 
-def assert_sums_close(got, ref, plain, scale, dtype):
+def assert_sums_close(got, ref, plain, scale, dtype, backend):
     got, ref, plain = got.double(), ref.double(), plain.double()
     assert torch.isfinite(got).all(), got
     err = (got - ref).abs()
-    allowed = 2 * (plain - ref).abs() + FLOOR[dtype] * scale + 1e-30
+    allowed = 2 * (plain - ref).abs() + sum_floor(dtype, backend) * scale + 1e-30
     assert (err <= allowed).all(), f"error {err.tolist()} > allowed {allowed.tolist()}"
 
 
@@ -92,7 +100,7 @@ def test_dot_norms_matches_float64(backend, dtype, count):
     scale = torch.stack([(g @ g * (r @ r)).sqrt(), r @ r, g @ g])
     got = sk.dot_norms(grads, refs, backend=backend)
     assert got.dtype == torch.float32 and got.shape == (3,)
-    assert_sums_close(got, ref, plain_dot_norms(grads, refs), scale, dtype)
+    assert_sums_close(got, ref, plain_dot_norms(grads, refs), scale, dtype, backend)
 
     rows = sk.dot_norms(grads, refs, per_tensor=True, backend=backend)
     assert rows.shape == (count, 3)
@@ -100,7 +108,8 @@ def test_dot_norms_matches_float64(backend, dtype, count):
         gi, ri = flat64([grads[i]]), flat64([refs[i]])
         ref_i = torch.stack([gi @ ri, ri @ ri, gi @ gi])
         scale_i = torch.stack([(gi @ gi * (ri @ ri)).sqrt(), ri @ ri, gi @ gi])
-        assert_sums_close(rows[i], ref_i, plain_dot_norms([grads[i]], [refs[i]]), scale_i, dtype)
+        plain_i = plain_dot_norms([grads[i]], [refs[i]])
+        assert_sums_close(rows[i], ref_i, plain_i, scale_i, dtype, backend)
 
 
 def reference_update(grads, refs, rho, eps, per_tensor):
@@ -145,10 +154,14 @@ def test_project_conflicting_matches_float64(backend, dtype, count, conflict, rh
     stats = sk.project_conflicting_(grads, refs, rho=rho, per_tensor=per_tensor, backend=backend)
     assert stats.shape == ((count, 4) if per_tensor else (4,))
     assert torch.isfinite(stats).all()
-    # The coefficient follows the float64 decision wherever the sign is not a rounding call.
+    # c = dot / ||r||^2, and dot's rounding error scales with ||g|| ||r||, so c's absolute
+    # slack is tol * ||g|| / ||r|| per row; that also covers a row whose dot is a rounding
+    # call around zero (c may then be 0 on one side and tiny on the other).
     c_ref, c = stats_ref[..., 3], stats[..., 3].double()
+    dot, rr, gg = stats_ref[..., 0], stats_ref[..., 1], stats_ref[..., 2]
     tol = 1e-2 if dtype != torch.float32 else 1e-4
-    assert torch.allclose(c, c_ref, rtol=tol, atol=tol * c_ref.abs().max().item() + 1e-12)
+    slack = torch.where(rr > 0, tol * (gg / rr.clamp_min(1e-300)).sqrt(), 0.0)
+    assert ((c - c_ref).abs() <= tol * c_ref.abs() + slack).all(), (c, c_ref)
     coef = stats[:, 3] if per_tensor else stats[3].expand(count)
     plain = plain_update(before, refs, coef.tolist(), rho)
     for i, (g, ref_i, p, b, r) in enumerate(zip(grads, new_ref, plain, before, refs)):
@@ -232,7 +245,7 @@ def test_gram_matches_float64(backend, dtype, m):
     norms = flats.norm(dim=1)
     scale = norms[:, None] * norms[None, :]
     plain = torch.stack([torch.stack([plain_dot_norms(a, b)[0] for b in lists]) for a in lists])
-    assert_sums_close(got, ref, plain, scale, dtype)
+    assert_sums_close(got, ref, plain, scale, dtype, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -390,6 +403,39 @@ def test_bad_input_raises_clear_error(backend, case):
     match, call, exc = _bad_calls()[case]
     with pytest.raises(exc, match=match):
         call(backend)
+
+
+def test_overlap_check_agrees_with_brute_force():
+    """The vectorised sweep in check_no_overlap against an all-pairs check, on random views."""
+    from safegrad_kernels.ops.validate import check_no_overlap
+
+    buf = torch.zeros(256)
+    for _ in range(300):
+
+        def views(k):
+            out = []
+            for _ in range(k):
+                a = random.randrange(0, 256)
+                out.append(buf[a : a + random.choice([0, 1, 3, 8, 20])])
+            return out
+
+        written, read = views(random.randint(1, 4)), views(random.randint(0, 4))
+
+        def span(t):
+            return (t.data_ptr(), t.data_ptr() + 4 * t.numel()) if t.numel() else None
+
+        def hit(a, b):
+            sa, sb = span(a), span(b)
+            return sa is not None and sb is not None and sa[0] < sb[1] and sb[0] < sa[1]
+
+        clash = any(hit(a, b) for i, a in enumerate(written) for b in written[i + 1 :]) or any(
+            hit(a, b) for a in written for b in read
+        )
+        if clash:
+            with pytest.raises(ValueError, match="overlaps"):
+                check_no_overlap("out", written, [("x", read)])
+        else:
+            check_no_overlap("out", written, [("x", read)])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -27,9 +27,9 @@ __all__ = ["add_arguments", "run"]
 # Its numbers mean nothing; it checks that every stage runs and every file is written.
 QUICK = {
     "model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2},
-    "align": {"steps": 150, "batch_size": 32, "samples": 1500},
+    "align": {"steps": 120, "batch_size": 32, "samples": 1200},
     "user": {"samples": 160, "epochs": 1},
-    "eval": (10, 60, 60),
+    "eval": (8, 40, 40),
     "ratios": "0,0.3",
     "seeds": "0",
     "weights": "1.0",
@@ -81,18 +81,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lam", type=_floats, default=None, help="mixed lambda values (default 0.1,1.0)"
     )
-    parser.add_argument("--out", type=Path, default=Path("safegrad_demo_out"))
+    parser.add_argument("--out", type=Path, default=Path("safegrad_demo_out"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="~1 minute smoke run (CI)")
     parser.add_argument(
         "--no-cache", action="store_true", help="rebuild the aligned model, write no cache"
     )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
-    )
+    # One thread by default: every op is tiny (batch 16 x ~25 tokens), so per-op overhead
+    # dominates and a second thread buys little, while on a busy 2-core machine two
+    # threads oversubscribed badly (the quick run: 359 s with 2 threads beside another
+    # job, 14 s with 1).
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    parser.add_argument(
+        "--safety-covers-poison",
+        action="store_true",
+        help="ablation: the defender's safety set also holds the poison-only templates",
+    )
 
 
 def _settings(args: argparse.Namespace) -> dict:
+    from . import world
     from .model import ModelSpec
     from .train import METHODS, AlignSpec, UserSpec
 
@@ -102,6 +110,8 @@ def _settings(args: argparse.Namespace) -> dict:
         mspec = replace(mspec, **QUICK["model"])
         aspec = replace(aspec, **QUICK["align"])
         uspec = replace(uspec, **QUICK["user"])
+    if getattr(args, "safety_covers_poison", False):
+        uspec = replace(uspec, safety_groups=(*world.ALIGNMENT_GROUPS, "poison"))
     weights = _floats(QUICK["weights"]) if quick else [0.1, 1.0]
     return {
         "methods": args.methods or list(METHODS),
@@ -135,8 +145,8 @@ def run(args: argparse.Namespace) -> dict:
     from . import evaluate, report, world
     from .train import aligned_state, user_stage, warm_up_ops
 
-    started = time.perf_counter()
-    if args.threads is not None:
+    started, cpu_started = time.perf_counter(), time.process_time()
+    if args.threads is not None and args.threads > 0:
         torch.set_num_threads(args.threads)
     s = _settings(args)
     out = Path(args.out)
@@ -174,15 +184,12 @@ def run(args: argparse.Namespace) -> dict:
 
     summary = report.summarize(runs)
     results = {
-        "meta": _meta(args, s, time.perf_counter() - started),
+        "meta": _meta(args, s, time.perf_counter() - started, time.process_time() - cpu_started),
         "aligned": {"metrics": base, "stage": stage},
         "summary": summary,
         "runs": runs,
     }
-    results["meta"]["plot"] = "plot.png"
-    report.write_json(out / "results.json", results)
-    report.write_markdown(out / "report.md", results)
-    report.plot(out / "plot.png", summary, base)
+    report.write_all(out, results)
     print(report.main_table(summary, markdown=False))
     print(f"\naligned model: HS {100 * base['harmful_score']:.0f}%  FA "
           f"{100 * base['finetune_accuracy']:.0f}%  benign {100 * base['benign_accuracy']:.0f}%")  # fmt: skip
@@ -210,16 +217,16 @@ def _command(args: argparse.Namespace) -> str:
                 f"--{flag}",
                 ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value),
             ]
-    for flag in ("quick", "no_cache"):
-        if getattr(args, flag):
+    for flag in ("quick", "no_cache", "safety_covers_poison"):
+        if getattr(args, flag, False):
             parts.append("--" + flag.replace("_", "-"))
-    if args.threads is not None:
+    if args.threads != 1:
         parts += ["--threads", str(args.threads)]
     parts += ["--out", str(args.out)]
     return shlex.join(parts)
 
 
-def _meta(args: argparse.Namespace, s: dict, runtime: float) -> dict:
+def _meta(args: argparse.Namespace, s: dict, runtime: float, cpu: float) -> dict:
     import peft
     import torch
     import transformers
@@ -234,6 +241,12 @@ def _meta(args: argparse.Namespace, s: dict, runtime: float) -> dict:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "runtime_s": runtime,
+        # CPU time of this process (all threads): with --threads 1 on a shared machine it
+        # is the runtime the demo would have had with a core to itself.
+        "cpu_s": cpu,
+        # Other processes share the CPU in some environments (CI, a busy dev box):
+        # the 1/5/15-minute load averages at the end put the timings in context.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "seeds": s["seeds"],
         "quick": bool(args.quick),
         "settings": settings,

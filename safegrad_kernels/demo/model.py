@@ -22,7 +22,7 @@ WORLD_VERSION = 1
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Size of the demo's Llama (~0.35M parameters).
+    """Size of the demo's Llama (385k parameters; the LoRA adapter adds 35k trainable).
 
     Two layers rather than the feasibility run's four: every step here is dominated by
     per-op overhead (batch 16 x ~25 tokens), so depth sets the cost, and the default

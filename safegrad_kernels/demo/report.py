@@ -17,6 +17,7 @@ METRICS = (
     "mean_cosine",
     "ms_per_step",
     "surgery_ms_per_step",
+    "projection_coef",
 )
 
 
@@ -92,7 +93,7 @@ def main_table(summary: list[dict], markdown: bool = True) -> str:
 def detail_table(summary: list[dict]) -> str:
     head = [
         "method", "p", "HS %", "refusal %", "FA %", "benign %",
-        "dot<0 share", "mean cos", "ms/step", "surgery ms/step",
+        "dot<0 share", "mean cos", "SafeGrad coef", "ms/step", "surgery ms/step",
     ]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(summary, key=lambda r: (r["label"], r["harmful_ratio"])):
@@ -108,6 +109,7 @@ def detail_table(summary: list[dict]) -> str:
                     _pct(r["benign_accuracy"]),
                     _num(r["conflict_share"]),
                     _num(r["mean_cosine"]),
+                    _num(r.get("projection_coef", {"mean": math.nan})),
                     _num(r["ms_per_step"], "{:.0f}"),
                     _num(r["surgery_ms_per_step"], "{:.2f}"),
                 ]
@@ -175,8 +177,21 @@ def observations(summary: list[dict], aligned: dict) -> list[str]:
     return out
 
 
+def write_all(out: Path, results: dict) -> None:
+    """``results.json``, ``report.md`` and ``plot.png`` in ``out`` (re-renderable from the JSON)."""
+    results["meta"]["plot"] = "plot.png"
+    write_json(out / "results.json", results)
+    write_markdown(out / "report.md", results)
+    plot(out / "plot.png", results["summary"], results["aligned"]["metrics"])
+
+
 def write_json(path: Path, results: dict) -> None:
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
+
+
+def _load(meta: dict) -> str:
+    load = meta.get("load_average")
+    return "n/a" if not load else " / ".join(f"{x:.1f}" for x in load)
 
 
 def write_markdown(path: Path, results: dict) -> None:
@@ -188,9 +203,20 @@ def write_markdown(path: Path, results: dict) -> None:
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']}; machine: {meta['machine']}; torch {meta['torch']}, "
         f"transformers {meta['transformers']}, peft {meta['peft']}; threads {meta['threads']}  ",
-        f"Runtime: {meta['runtime_s']:.0f} s total (alignment stage: {aligned['stage']['cache']}, "
-        f"{aligned['stage'].get('seconds', 0):.0f} s when built); seeds {meta['seeds']}.",
+        f"Runtime: {meta['runtime_s']:.0f} s wall, {meta.get('cpu_s', float('nan')):.0f} s CPU "
+        f"(alignment stage: cache {aligned['stage']['cache']}, "
+        f"{aligned['stage'].get('seconds', 0):.0f} s when built); load average at the end "
+        f"{_load(meta)}; seeds {meta['seeds']}.",
         "",
+        *(
+            [
+                "> **--quick run**: a tiny model and a few steps, to check that everything runs.",
+                "> Its numbers say nothing about the methods.",
+                "",
+            ]
+            if meta.get("quick")
+            else []
+        ),
         "## Main result: harmful score / fine-tune accuracy (%, mean ± std over seeds)",
         "",
         main_table(summary),
@@ -214,6 +240,8 @@ def write_markdown(path: Path, results: dict) -> None:
         "gradient (KL for mixed and safegrad, refusal cross-entropy for spf, on its refresh",
         "steps); sft computes no alignment gradient. `surgery ms/step` is the time of the",
         "surgery call alone (safegrad/spf `step()`, or mixed's `dot_norms` and sum).",
+        "`SafeGrad coef` is the mean projection coefficient c of the update",
+        "g_u + (rho - c) g_a (c <= 0; -c is the alignment weight the projection adds to rho).",
         "",
         group_table(results["runs"]),
         "",

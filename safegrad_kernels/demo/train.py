@@ -58,6 +58,9 @@ class UserSpec:
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = LORA_TARGETS
     safety_samples: int = 100  # the paper's 100 alignment samples
+    # Template groups of the defender's safety set; adding "poison" is the easy world in
+    # which the defender has seen the attacker's templates (an ablation, not the default).
+    safety_groups: tuple[str, ...] = world.ALIGNMENT_GROUPS
     spf_rank: int = 4
     spf_refresh_every: int = 10
     max_len: int = 48
@@ -86,6 +89,9 @@ class RunLog:
             "surgery_ms_per_step": 1e3 * self.surgery_seconds / max(self.steps, 1),
             "conflict_share": _mean([s["conflict"] for s in live]),
             "mean_cosine": _mean(cosines),
+            # SafeGrad's update is g_u + (rho - coef) * g_a: -coef is the weight its
+            # projection adds to the alignment gradient on top of rho.
+            "projection_coef": _mean([s["coef"] for s in live if "coef" in s]),
             "stat_steps": len(live),
         }
 
@@ -252,7 +258,9 @@ def user_stage(
         tok, world.user_data(uspec.samples, harmful_ratio, seed), uspec.max_len
     )
     safety = world.encode_batch(
-        tok, world.safety_data(uspec.safety_samples, seed + 10_000), uspec.max_len
+        tok,
+        world.safety_data(uspec.safety_samples, seed + 10_000, uspec.safety_groups),
+        uspec.max_len,
     )
     # P_ref never changes, so its logits on the (fixed) safety pool are computed once,
     # through the same PeftModel with the adapter disabled: no second model copy, and
@@ -319,7 +327,8 @@ def user_stage(
             # wants the per-step conflict record.
             d = stats.to_dict()
             if method == "safegrad":
-                log.stats.append(_conflict_record(d["dot"], d["ref_norm_sq"], d["grad_norm_sq"]))
+                record = _conflict_record(d["dot"], d["ref_norm_sq"], d["grad_norm_sq"])
+                log.stats.append({**record, "coef": d["coef"]})
             else:  # SPF has a basis from step 0 on: its safety loss is not zero there
                 log.stats.append({"live": True, "conflict": d["conflict_fraction"], "cosine": None})
         opt.step()

@@ -275,10 +275,10 @@ def user_data(n: int, harmful_ratio: float, seed: int) -> list[Example]:
     return data
 
 
-def safety_data(n: int, seed: int) -> list[Example]:
+def safety_data(n: int, seed: int, groups: Sequence[str] = ALIGNMENT_GROUPS) -> list[Example]:
     """The defender's alignment set for the user stage: harmful prompts with refusals."""
     rng = random.Random(seed)
-    return [refusal_example(rng, ALIGNMENT_GROUPS, "train") for _ in range(n)]
+    return [refusal_example(rng, groups, "train") for _ in range(n)]
 
 
 def eval_data(n_per_group: int, n_task: int, n_benign: int, seed: int) -> dict[str, list[Example]]:

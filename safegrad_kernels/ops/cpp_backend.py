@@ -117,7 +117,10 @@ class CppBackend(Backend):
         return info
 
     def _load(self) -> tuple[bool, str]:
-        ok, why = self._build()
+        try:
+            ok, why = self._build()
+        except Exception as exc:  # availability must be an answer, never an exception
+            ok, why = False, f"{type(exc).__name__}: {exc}"[:300]
         if ok:
             log.info("safegrad cpp backend loaded (%s)", self._info.get("build_dir"))
         else:

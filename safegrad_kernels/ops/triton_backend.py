@@ -21,6 +21,7 @@ On CPU the kernels run only under the interpreter (``TRITON_INTERPRET=1``), for 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -38,7 +39,8 @@ from .dispatch import Backend, register_backend
 # for small ones, enough to fill 132 SMs several times over; 2048-element blocks with 8 warps
 # are 8 elements per thread: two 128-bit loads per list for fp32, one for bf16/fp16.
 # Module-level so tests can shrink them (the interpreter is slow). Results depend on
-# CHUNK_SIZE and BLOCK_SIZE (summation order) but on nothing else.
+# CHUNK_SIZE, BLOCK_SIZE and the layout (flat buffer or not), which fix the summation
+# order, and on nothing else: not the grid, the GPU model's SM count or the call.
 CHUNK_SIZE = 16384
 BLOCK_SIZE = 2048
 NUM_WARPS = 8
@@ -89,7 +91,7 @@ def kernels() -> ModuleType:
     return _kernels_module
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -200,12 +202,15 @@ def _build(lists: Sequence[Sequence[Tensor]], chunk: int) -> _Table:
 def _table(lists: Sequence[Sequence[Tensor]]) -> _Table:
     """The (cached) table for ``lists``; steady-state calls upload nothing."""
     chunk = CHUNK_SIZE
+    # map() over the unbound methods: this key is the whole steady-state host cost of a
+    # call, and it is about 2x faster than generator expressions for hundreds of tensors.
     key = (
         lists[0][0].device,
         chunk,
+        len(lists),
         tuple(lst[0].dtype for lst in lists),
-        tuple(t.numel() for t in lists[0]),
-        tuple(tuple(t.data_ptr() for t in lst) for lst in lists),
+        tuple(map(Tensor.numel, lists[0])),
+        tuple(map(Tensor.data_ptr, itertools.chain.from_iterable(lists))),
     )
     table = _cache.get(key)
     if table is not None:
@@ -290,7 +295,7 @@ class TritonBackend(Backend):
                     **_meta(tab.aligned),
                 )  # fmt: skip
             _launch(
-                k._segment_sum_kernel, (triton_cdiv(len(grads), SEGMENTS_PER_PROGRAM),),
+                k._segment_sum_kernel, (_cdiv(len(grads), SEGMENTS_PER_PROGRAM),),
                 partial, tab.first, out, len(grads), 3, 4,
                 BLOCK_S=SEGMENTS_PER_PROGRAM, BLOCK_C=SEGMENT_LANES, num_warps=4,
             )  # fmt: skip

@@ -24,8 +24,10 @@ the partials of each segment in a fixed order: deterministic, no atomics. Offset
 program ids are int64 (a 7B model's flat buffer passes 2**31 elements); math is fp32.
 
 The loads and stores are written out in each kernel rather than factored into @jit
-helpers: under ``TRITON_INTERPRET=1`` every helper call re-patches ``triton.language``
-(about 1 ms a call here), which made the 1,000-tensor tests 3-5x slower.
+helpers, and accumulators start from ``tl.full`` rather than ``tl.zeros``: under
+``TRITON_INTERPRET=1`` every call of a @jit function (``tl.zeros`` and ``tl.sum`` are
+ones) re-patches ``triton.language``, about 1-6 ms a call here, which made the
+1,000-tensor tests 3-5x slower. Same PTX either way.
 """
 
 from __future__ import annotations
@@ -75,9 +77,9 @@ def _dot_norms_partial_kernel(
         body = tl.minimum((start + VEC - 1) // VEC * VEC, end)
     n_full = (end - body) // BLOCK
     lanes = tl.arange(0, BLOCK)
-    acc_gr = tl.zeros([BLOCK], tl.float32)
-    acc_rr = tl.zeros([BLOCK], tl.float32)
-    acc_gg = tl.zeros([BLOCK], tl.float32)
+    acc_gr = tl.full([BLOCK], 0.0, tl.float32)
+    acc_rr = tl.full([BLOCK], 0.0, tl.float32)
+    acc_gg = tl.full([BLOCK], 0.0, tl.float32)
     for b in range(n_full):
         o = body + b * BLOCK
         if ALIGNED:
@@ -130,7 +132,7 @@ def _segment_sum_kernel(
     lanes = tl.arange(0, BLOCK_C)
     longest = tl.max(count)
     for k in range(K):
-        acc = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+        acc = tl.full([BLOCK_S, BLOCK_C], 0.0, tl.float32)
         for c in range(0, longest, BLOCK_C):
             i = c + lanes
             idx = c0[:, None] + i[None, :]
@@ -221,7 +223,7 @@ def _gram_partial_kernel(
             xj = tl.load(ptrs + j * n_rows + row).to(x_ty.dtype)
             if ALIGNED:
                 xj = tl.multiple_of(xj, 16)
-            acc = tl.zeros([BLOCK], tl.float32)
+            acc = tl.full([BLOCK], 0.0, tl.float32)
             for b in range(n_full):
                 o = body + b * BLOCK
                 if ALIGNED:
@@ -272,7 +274,7 @@ def _combine_kernel(
         o = body + b * BLOCK
         if ALIGNED:
             o = tl.multiple_of(o, VEC)
-        acc = tl.zeros([BLOCK], tl.float32)
+        acc = tl.full([BLOCK], 0.0, tl.float32)
         for j in range(M):
             x = tl.load(ptrs + j * n_rows + row).to(x_ty.dtype)
             if ALIGNED:
@@ -291,7 +293,7 @@ def _combine_kernel(
         if lo < hi:
             offs = lo + lanes
             m = offs < hi
-            acc = tl.zeros([BLOCK], tl.float32)
+            acc = tl.full([BLOCK], 0.0, tl.float32)
             for j in range(M):
                 x = tl.load(ptrs + j * n_rows + row).to(x_ty.dtype)
                 if ALIGNED:
