@@ -158,7 +158,7 @@ def test_project_conflicting_matches_float64(backend, dtype, count, conflict, rh
     # slack is tol * ||g|| / ||r|| per row; that also covers a row whose dot is a rounding
     # call around zero (c may then be 0 on one side and tiny on the other).
     c_ref, c = stats_ref[..., 3], stats[..., 3].double()
-    dot, rr, gg = stats_ref[..., 0], stats_ref[..., 1], stats_ref[..., 2]
+    rr, gg = stats_ref[..., 1], stats_ref[..., 2]
     tol = 1e-2 if dtype != torch.float32 else 1e-4
     slack = torch.where(rr > 0, tol * (gg / rr.clamp_min(1e-300)).sqrt(), 0.0)
     assert ((c - c_ref).abs() <= tol * c_ref.abs() + slack).all(), (c, c_ref)

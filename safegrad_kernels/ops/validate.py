@@ -71,9 +71,7 @@ def _all_good(lists: Sequence[Sequence[Tensor]]) -> bool:
         and set(map(_LAYOUT, flat)) == {torch.strided}
         and _SUPPORTED.issuperset(map(_DTYPE, flat))
         and all(map(Tensor.is_contiguous, flat))
-        and all(
-            all(map(operator.eq, map(_SHAPE, lists[0]), map(_SHAPE, lst))) for lst in lists[1:]
-        )
+        and all(all(map(operator.eq, map(_SHAPE, lists[0]), map(_SHAPE, lst))) for lst in lists[1:])
     )
 
 
