@@ -267,11 +267,15 @@ def test_train_then_resume_continues(world, tmp_path):
     assert {"conflict_rate", "cosine", "align_loss"} <= set(metrics["surgery_mean"])
 
 
-@pytest.mark.parametrize("method", ["sft", "safegrad"])
+@pytest.mark.parametrize("method", ["sft", "safegrad", "spf"])
 def test_resumed_run_equals_uninterrupted_run(world, tmp_path, method):
     full = tmp_path / "full"
     # Two alignment batches per pass: a restart lands mid-pass and must find its place.
-    extra = ("--alignment-batch-size", "2")
+    extra: tuple[str, ...] = ("--alignment-batch-size", "2")
+    if method == "spf":
+        # Refresh at steps 0 and 3: the run restarted at step 2 must keep the step-0 basis
+        # (from the checkpoint) and refresh on step 3, not on its first step.
+        extra += ("--spf-refresh-every", "3", "--spf-rank", "2")
     assert main(_train_argv(world, full, method, 4, *extra)) == 0
     # An "interrupted" run: only the step-2 checkpoint of the same experiment survives.
     cut = tmp_path / "cut"
@@ -287,6 +291,8 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path, method):
     assert a.keys() == b.keys() and a
     differs = [key for key in a if not torch.equal(a[key], b[key])]
     assert not differs, differs
+    if method == "spf":
+        assert (cut / "checkpoint-2" / "safegrad_surgeon.pt").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,6 +55,9 @@ from ..surgery import SPF, SafeGrad, Surgeon
 from ..surgery.base import check_backend, check_choice
 from ..surgery.safegrad import GRANULARITIES
 from ..surgery.spf import MODES as SPF_MODES
+
+# Written into each checkpoint-* folder when the surgeon carries state between steps (SPF).
+SURGEON_STATE_FILE = "safegrad_surgeon.pt"
 
 __all__ = ["METHODS", "SafeGradTrainer"]
 
@@ -225,6 +229,7 @@ class SafeGradTrainer(Trainer):
         )
 
         self._surgeon: Surgeon | None = None
+        self._pending_surgeon_state: dict[str, Any] | None = None
         self._alignment_iter: Iterator[tuple[list[int], dict[str, Any]]] | None = None
         self._alignment_epoch = 0
         self._alignment_positioned = False
@@ -265,7 +270,33 @@ class SafeGradTrainer(Trainer):
                     seed=self.args.seed,
                     backend=self.surgery_backend,
                 )
+            if self._pending_surgeon_state is not None:
+                self._surgeon.load_state_dict(self._pending_surgeon_state)
+                self._pending_surgeon_state = None
         return self._surgeon
+
+    # -- checkpoints: the surgeon's state (SPF's basis and step counters) -------------------
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        state = self._surgeon.state_dict() if self._surgeon is not None else {}
+        if state and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            path = os.path.join(self._get_output_dir(trial=trial), folder, SURGEON_STATE_FILE)
+            torch.save(state, path)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, SURGEON_STATE_FILE)
+        if not os.path.isfile(path):
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if self._surgeon is not None:
+            self._surgeon.load_state_dict(state)
+        else:  # applied when the surgeon is built, after the model has been placed
+            self._pending_surgeon_state = state
 
     def get_alignment_dataloader(self) -> DataLoader:
         """Loader over ``(indices, batch)``; reshuffled per pass with ``args.seed``."""
@@ -308,13 +339,16 @@ class SafeGradTrainer(Trainer):
     def _alignment_batches_consumed(self) -> int:
         """Alignment micro-batches drawn before ``state.global_step`` (for exact resume).
 
-        Exact for safegrad and mixed (every step draws one per micro-batch). SPF draws
-        only on refresh steps and its basis is not checkpointed, so a resumed SPF run
-        recomputes the basis and is not bitwise equal to an uninterrupted one.
+        safegrad and mixed draw one per micro-batch on every step. SPF draws only on its
+        refresh steps, 0, k, 2k, ... for ``refresh_every = k`` (or step 0 alone), since
+        the trainer supplies a reference whenever SPF wants one; its basis and step
+        counters come back from the checkpoint (``SURGEON_STATE_FILE``).
         """
+        steps = self.state.global_step
         if self.method == "spf":
-            return 0
-        return self.state.global_step * self.args.gradient_accumulation_steps
+            k = self.spf_refresh_every
+            steps = min(steps, 1) if k is None else -(-steps // k)
+        return steps * self.args.gradient_accumulation_steps
 
     def _next_alignment_batch(self) -> tuple[list[int], dict[str, Any]]:
         skip = 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -165,6 +166,20 @@ class Surgeon:
     def has_captured(self, slot: int = 0) -> bool:
         """Whether any gradient was captured into ``slot`` since the last step (host-side)."""
         return any(b is not None for b in self._slots[slot])
+
+    def state_dict(self) -> dict[str, Any]:
+        """State carried from one step to the next, for checkpoints (empty when stateless).
+
+        Captured gradients are not part of it: a checkpoint is taken between steps.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict()`` returned (on a surgeon built with the same params)."""
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} keeps no state, got a state with keys {sorted(state)}"
+            )
 
     def reset(self) -> None:
         """Drop every captured gradient (e.g. when a step is skipped after an overflow)."""

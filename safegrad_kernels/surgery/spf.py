@@ -38,6 +38,7 @@ import math
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -79,6 +80,10 @@ class _Group:
     basis: Tensor | None = None  # [b, big, rank], orthonormal or zero columns
     coords: Tensor | None = None  # [b, rank, small] = basis^T S
     nonempty: Tensor | None = None  # [b] bool: the basis has at least one direction
+
+
+def _layout(g: _Group) -> tuple[int, int, bool, int, int]:
+    return (g.big, g.small, g.transposed, len(g.members), g.rank)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -257,6 +262,46 @@ class SPF(Surgeon):
             grad_norm_sq=ordered(gsq),
             refreshed=refresh,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Step counters, the randomized SVD's generator, and each shape group's basis.
+
+        With it a resumed run refreshes on the same steps and projects with the same
+        basis as an uninterrupted one.
+        """
+        return {
+            "step": self._step,
+            "last_refresh": self._last_refresh,
+            "generator": None if self._generator is None else self._generator.get_state(),
+            "layout": [_layout(g) for g in self._groups],
+            "groups": [
+                {"basis": g.basis, "coords": g.coords, "nonempty": g.nonempty} for g in self._groups
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``'s result; the parameters' shapes must match."""
+        keys = {"step", "last_refresh", "generator", "layout", "groups"}
+        if not isinstance(state, dict) or set(state) != keys:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"not an SPF state: expected keys {sorted(keys)}, got {got}")
+        mine = [_layout(g) for g in self._groups]
+        theirs = [tuple(x) for x in state["layout"]]
+        if theirs != mine:
+            raise ValueError(
+                "SPF state was saved for other parameters: shape groups (big, small, "
+                f"transposed, count, rank) {theirs} != {mine}"
+            )
+        for g, saved in zip(self._groups, state["groups"]):
+            for name in ("basis", "coords", "nonempty"):
+                t = saved[name]
+                setattr(g, name, None if t is None else t.to(self.device))
+        self._step = int(state["step"])
+        last = state["last_refresh"]
+        self._last_refresh = None if last is None else int(last)
+        self._generator = None
+        if state["generator"] is not None:
+            self._gen().set_state(state["generator"])
 
     # -- internals ---------------------------------------------------------------
 
