@@ -334,3 +334,47 @@ def test_scalar_build_matches_vector_build_bitwise(tmp_path):
         for op, tensors in vector.items():
             for a, b in zip(tensors, scalar[key + op]):
                 assert torch.equal(_bits(a), _bits(b)), f"{key} {op}"
+
+
+def test_built_wheel_carries_the_sources_and_builds(tmp_path):
+    """A wheel (not an editable install) finds its bundled csrc copy and compiles from it."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is not installed (needed to build the wheel without isolation)")
+    import setuptools
+
+    if int(setuptools.__version__.split(".")[0]) < 68:
+        pytest.skip(f"setuptools {setuptools.__version__} < 68 (pyproject's build requirement)")
+    root = Path(__file__).resolve().parents[1]
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    build = [*pip, "wheel", str(root), "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
+    subprocess.run(build, check=True, cwd=tmp_path, timeout=300)
+    (wheel,) = tmp_path.glob("safegrad_kernels-*.whl")
+    target = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    probe = (
+        "import torch, safegrad_kernels as sk\n"
+        "from safegrad_kernels.ops import cpp_backend\n"
+        "print(cpp_backend.sources_dir())\n"
+        "g, r = [torch.ones(5)], [torch.full((5,), 2.0)]\n"
+        "print(sk.dot_norms(g, r, backend='cpp').tolist())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(target)
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    src, sums = out.stdout.strip().splitlines()[-2:]
+    assert Path(src) == target / "safegrad_kernels" / "_csrc", src
+    assert sums == "[10.0, 20.0, 5.0]"
