@@ -138,6 +138,8 @@ inline void dot_lanes(const float* __restrict__ a, const float* __restrict__ b, 
   vf32 acc[kVecs];
   for (int j = 0; j < kVecs; ++j) acc[j] = F32::vload(lanes + j * kVec);
   for (int64_t i = 0; i < n; i += kLanes) {
+    prefetch_block(a + i);  // a and b may be tensor memory (fp32 gram reads in place)
+    prefetch_block(b + i);
     for (int j = 0; j < kVecs; ++j) {
       acc[j] += F32::vload(a + i + j * kVec) * F32::vload(b + i + j * kVec);
     }

@@ -152,18 +152,26 @@ Tensor gram(TensorList tensors, int64_t m) {
   for_each_chunk(table, [&](int64_t c) {
     const Chunk& ch = table.chunks[c];
     std::vector<float> scratch(m * kSub);
+    std::vector<const float*> rows(m);
     std::vector<float> lanes(pairs * kLanes, 0.0f);
     for (int64_t off = 0; off < ch.len; off += kSub) {
       const int64_t len = ch.len - off < kSub ? ch.len - off : kSub;
       const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;
       for (int64_t j = 0; j < m; ++j) {
-        widen(dtypes[j], tensors[j * n + ch.tensor], ch.begin + off, len, padded,
-              &scratch[j * kSub]);
+        const Tensor& t = tensors[j * n + ch.tensor];
+        if (dtypes[j] == at::kFloat && len == padded) {
+          // fp32 and no padding needed: read in place (the copy into scratch cost 1.7x
+          // on W1 with m = 2). Same values in the same lanes, so the same bits.
+          rows[j] = t.const_data_ptr<float>() + ch.begin + off;
+        } else {
+          widen(dtypes[j], t, ch.begin + off, len, padded, &scratch[j * kSub]);
+          rows[j] = &scratch[j * kSub];
+        }
       }
       int64_t p = 0;
       for (int64_t a = 0; a < m; ++a) {
         for (int64_t b = a; b < m; ++b, ++p) {
-          dot_lanes(&scratch[a * kSub], &scratch[b * kSub], padded, &lanes[p * kLanes]);
+          dot_lanes(rows[a], rows[b], padded, &lanes[p * kLanes]);
         }
       }
     }
