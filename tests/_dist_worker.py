@@ -315,6 +315,42 @@ def fsdp2_pcgrad_step():
         close(p.grad.full_tensor(), q.grad, f"grad of {name}")
 
 
+@check
+def fsdp2_spf_step():
+    """SPF on Shard(0) parameters (uneven shards, tall and wide weights) = single process."""
+    from torch.distributed.fsdp import fully_shard
+
+    from safegrad_kernels.surgery import SPF
+
+    batches = _batches(seed=21, n=8)
+    for mode in ("conflicting", "always"):
+        results = []
+        for sharded in (False, True):
+            model = _tiny_model(seed=22)
+            data = batches
+            if sharded:
+                fully_shard(model)
+                data = _local_half(batches)
+            surgeon = SPF(model.parameters(), rank=2, refresh_every=2, mode=mode)
+            stats = []
+            for step in range(3):  # refresh, reuse, refresh
+                (x_a, y_a), (x_u, y_u) = data
+                shift = 0.1 * step
+                if surgeon.wants_reference:
+                    with surgeon.reference():
+                        nn.functional.mse_loss(model(x_a + shift), y_a).backward()
+                nn.functional.mse_loss(model(x_u - shift), y_u).backward()
+                st = surgeon.step()
+                stats.append(torch.cat([st.score, st.applied.float(), st.removed_norm_sq]))
+                grads = [p.grad.full_tensor() if sharded else p.grad for p in model.parameters()]
+                stats.append(torch.cat([g.detach().reshape(-1).clone() for g in grads]))
+                for p in model.parameters():
+                    p.grad = None
+            results.append(stats)
+        for k, (got, want) in enumerate(zip(results[1], results[0])):
+            close(got, want, f"{mode} step {k // 2} {'grads' if k % 2 else 'stats'}")
+
+
 def _ddp(model, **kwargs):
     from torch.nn.parallel import DistributedDataParallel
 

@@ -92,6 +92,7 @@ CHECKS = [
     "dtensor_2d_mesh_and_errors",
     "fsdp2_safegrad_step",
     "fsdp2_pcgrad_step",
+    "fsdp2_spf_step",
     "ddp_safegrad_step",
     "ddp_accumulation_with_no_sync",
     "ddp_bucket_view_is_rejected",

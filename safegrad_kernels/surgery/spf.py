@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..distributed import _dtensor_class
 from .base import Surgeon, check_backend, check_choice
 from .stats import SPFStats
 
@@ -80,6 +81,31 @@ class _Group:
     basis: Tensor | None = None  # [b, big, rank], orthonormal or zero columns
     coords: Tensor | None = None  # [b, rank, small] = basis^T S
     nonempty: Tensor | None = None  # [b] bool: the basis has at least one direction
+
+
+def _gather(t: Tensor | None) -> Tensor | None:
+    """A DTensor's whole tensor (a collective on its mesh); any other tensor itself."""
+    dtensor = _dtensor_class()
+    if t is None or dtensor is None or not isinstance(t, dtensor):
+        return t
+    placements = t.placements
+    if any(type(pl).__name__ not in ("Shard", "Replicate") for pl in placements):
+        raise ValueError(
+            f"SPF supports DTensor gradients with Shard/Replicate placements, got {placements}"
+        )
+    return t.full_tensor()
+
+
+def _scatter_back(dst: Tensor, full: Tensor) -> None:
+    """Write this rank's piece of ``full`` into the DTensor ``dst`` (no communication)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = dst.to_local()
+    shape, offset = compute_local_shape_and_global_offset(
+        full.shape, dst.device_mesh, dst.placements
+    )
+    piece = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+    local.copy_(piece.reshape(local.shape))
 
 
 def _layout(g: _Group) -> tuple[int, int, bool, int, int]:
@@ -154,8 +180,14 @@ class SPF(Surgeon):
     gradient keeps ``grad = None``.
     The basis refresh (SVD) runs only on refresh steps; on CUDA the SVD's error check
     may synchronise there. Ordinary steps never read a device value on the host.
-    Parameters must be ordinary tensors (FSDP2/DTensor shards are not supported: the
-    SVD needs whole matrices).
+
+    Sharded parameters (FSDP2 / DTensor with ``Shard`` or ``Replicate`` placements): the
+    SVD and the projection need whole matrices, so each step gathers every matrix's
+    gradient (and, when captured, its safety gradient) with ``full_tensor()``, computes
+    exactly what a single process computes, identically on every rank, and writes each
+    rank's own shard back. The traffic is an all-gather of the adapter's gradients, about
+    what one DDP all-reduce of them costs; for LoRA that is small. Every rank must call
+    ``step()``, as with any collective.
     """
 
     def __init__(
@@ -231,7 +263,12 @@ class SPF(Surgeon):
     def step(self) -> SPFStats:
         """Refresh the basis if due and a reference was captured, then project ``p.grad`` in place."""
         self._check_idle("step()")
-        refs = self._peek(0)
+        # Whole matrices (gathered where sharded); 1-D parameters are not touched.
+        refs: list[Tensor | None] = [None] * len(self.params)
+        grads: list[Tensor | None] = [None] * len(self.params)
+        captured = self._peek(0)
+        for i in self._matrix_idx:
+            refs[i], grads[i] = _gather(captured[i]), _gather(self.params[i].grad)
         refresh = self.wants_reference and any(refs[i] is not None for i in self._matrix_idx)
         for group in self._groups:
             group_refs = [refs[i] for i in group.members]
@@ -244,11 +281,15 @@ class SPF(Surgeon):
 
         scores, applied, removed, gsq = [], [], [], []
         for group in self._groups:
-            s, a, r, g = self._project(group)
+            s, a, r, g = self._project(group, grads)
             scores.append(s)
             applied.append(a)
             removed.append(r)
             gsq.append(g)
+        for i in self._matrix_idx:
+            grad = self.params[i].grad
+            if grad is not None and grads[i] is not grad:  # a DTensor: keep this rank's shard
+                _scatter_back(grad, grads[i])
         self._take(0)
         self._step += 1
 
@@ -365,13 +406,16 @@ class SPF(Surgeon):
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
         return self._generator
 
-    def _project(self, group: _Group) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _project(
+        self, group: _Group, all_grads: list[Tensor | None]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Project the group's gradients in place (``all_grads``: whole tensors, by param)."""
         b = len(group.members)
         zeros = torch.zeros(b, dtype=torch.float32, device=self.device)
-        present = [k for k, i in enumerate(group.members) if self.params[i].grad is not None]
+        present = [k for k, i in enumerate(group.members) if all_grads[i] is not None]
         if group.basis is None or group.coords is None or not present:
             return zeros, zeros.bool(), zeros, zeros
-        grads = [_tall(self.params[group.members[k]].grad, group.transposed) for k in present]  # type: ignore[arg-type]
+        grads = [_tall(all_grads[group.members[k]], group.transposed) for k in present]  # type: ignore[arg-type]
         basis = _rows(group.basis, present, b)
         coords = _rows(group.coords, present, b)
         nonempty = _rows(group.nonempty, present, b)  # type: ignore[arg-type]
