@@ -26,9 +26,11 @@ def tensor_list(name: str, value: object) -> list[Tensor]:
     if isinstance(value, Tensor) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a list or tuple of tensors, got {type(value).__name__}")
     out = list(value)
-    for i, t in enumerate(out):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+    # Checked per distinct type, not per element (thousands of tensors share one type).
+    if not all(issubclass(tp, Tensor) for tp in set(map(type, out))):
+        for i, t in enumerate(out):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
     return out
 
 
