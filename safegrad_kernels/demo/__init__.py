@@ -72,7 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods", type=_methods, default=None, help="comma list (default sft,mixed,safegrad,spf)"
     )
     parser.add_argument(
-        "--ratios", type=_floats, default=None, help="harmful ratios p (default 0,0.1,0.2,0.3)"
+        "--ratios", type=_floats, default=None, help="harmful ratios p (default 0,0.1,0.2,0.3,0.5)"
     )
     parser.add_argument("--seeds", type=_ints, default=None, help="comma list (default 0,1,2)")
     parser.add_argument(
@@ -115,7 +115,7 @@ def _settings(args: argparse.Namespace) -> dict:
     weights = _floats(QUICK["weights"]) if quick else [0.1, 1.0]
     return {
         "methods": args.methods or list(METHODS),
-        "ratios": args.ratios or (_floats(QUICK["ratios"]) if quick else [0.0, 0.1, 0.2, 0.3]),
+        "ratios": args.ratios or (_floats(QUICK["ratios"]) if quick else [0.0, 0.1, 0.2, 0.3, 0.5]),
         "seeds": args.seeds or (_ints(QUICK["seeds"]) if quick else [0, 1, 2]),
         "rho": args.rho or weights,
         "lam": args.lam or weights,
