@@ -366,6 +366,9 @@ def test_built_wheel_carries_the_sources_and_builds(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(target)
+    # Its own build folder: sharing the default one would leave it pointing at this
+    # wheel's (temporary) sources, and the next process would rebuild from the checkout.
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "torch_extensions")
     out = subprocess.run(
         [sys.executable, "-c", probe],
         cwd=tmp_path,
@@ -377,4 +380,5 @@ def test_built_wheel_carries_the_sources_and_builds(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     src, sums = out.stdout.strip().splitlines()[-2:]
     assert Path(src) == target / "safegrad_kernels" / "_csrc", src
+    assert any((tmp_path / "torch_extensions").iterdir()), "the wheel did not build its own"
     assert sums == "[10.0, 20.0, 5.0]"
