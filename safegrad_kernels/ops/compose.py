@@ -90,8 +90,8 @@ def coefficients(sums: Tensor, rho: float, eps: float) -> tuple[Tensor, Tensor]:
     update is ``g += a * r`` with ``a = rho - c``. Non-finite sums give ``a = 0`` (the
     gradients are left untouched) and ``c = 0``; the returned sums show the problem.
     """
-    dot, rr, gg = sums.unbind(-1)
-    finite = torch.isfinite(dot) & torch.isfinite(rr) & torch.isfinite(gg)
+    dot, rr, _ = sums.unbind(-1)
+    finite = torch.isfinite(sums).all(-1)
     conflict = (dot < 0) & (rr > eps) & finite
     # rr is only a divisor where it is > eps >= 0; elsewhere divide by 1 to avoid 0/0.
     c = torch.where(conflict, dot / torch.where(conflict, rr, 1.0), 0.0)

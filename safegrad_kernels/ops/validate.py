@@ -46,6 +46,7 @@ def check_tensor(name: str, t: Tensor) -> None:
         )
 
 
+_NBYTES = attrgetter("nbytes")
 _DEVICE, _DTYPE, _LAYOUT, _SHAPE = (
     attrgetter("device"),
     attrgetter("dtype"),
@@ -115,9 +116,8 @@ def check_pairs(names: Sequence[str], lists: Sequence[Sequence[Tensor]]) -> torc
 def _spans(tensors: Sequence[Tensor]) -> tuple[np.ndarray, np.ndarray]:
     """Byte ranges ``[start, end)`` of ``tensors`` (empty tensors give empty ranges)."""
     start = np.fromiter(map(Tensor.data_ptr, tensors), np.int64, len(tensors))
-    numel = np.fromiter(map(Tensor.numel, tensors), np.int64, len(tensors))
-    size = np.fromiter(map(Tensor.element_size, tensors), np.int64, len(tensors))
-    return start, start + numel * size
+    nbytes = np.fromiter(map(_NBYTES, tensors), np.int64, len(tensors))  # dense: numel * size
+    return start, start + nbytes
 
 
 def check_no_overlap(

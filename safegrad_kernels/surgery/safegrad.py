@@ -146,12 +146,6 @@ class SafeGrad(Surgeon):
             gg = gg + lone_sq.sum()
         return self._stats(dot, rr, gg, coef)
 
-    def _conflict(self, dot: Tensor, rr: Tensor, gg: Tensor) -> Tensor:
-        # The op's rule (see project_conflicting_), recomputed because the op returns
-        # only the coefficient.
-        finite = torch.isfinite(dot) & torch.isfinite(rr) & torch.isfinite(gg)
-        return (dot < 0) & (rr > self.eps) & finite
-
     def _stats(self, dot: Tensor, rr: Tensor, gg: Tensor, coef: Tensor) -> SafeGradStats:
         return SafeGradStats(
             dot=dot,
@@ -159,7 +153,9 @@ class SafeGrad(Surgeon):
             grad_norm_sq=gg,
             cosine=safe_div(dot, (rr * gg).sqrt()),
             coef=coef,
-            conflict=self._conflict(dot, rr, gg),
+            # The op sets coef = dot / ||r||^2 < 0 exactly where it projects and 0
+            # elsewhere, so this is its rule (dot < 0, ||r||^2 > eps, finite sums) in one op.
+            conflict=coef != 0,
         )
 
     def _per_tensor_stats(
@@ -184,6 +180,6 @@ class SafeGrad(Surgeon):
             grad_norm_sq=gg,
             cosine=safe_div(dot, (rr * gg).sqrt()),
             coef=rows[:, 3],
-            conflict=self._conflict(rows[:, 0], rows[:, 1], rows[:, 2]),
+            conflict=rows[:, 3] != 0,  # see _stats
             rows=rows,
         )
