@@ -48,6 +48,7 @@ from benchmarks.harness import (
     Bandwidth,
     CacheFlusher,
     Timing,
+    add_threads_argument,
     dtype_name,
     fmt_ms,
     measure_bandwidth,
@@ -609,13 +610,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--rho", type=float, default=0.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch CPU threads (default: torch's). On a shared, oversubscribed VM use 1: "
-        "2-thread OpenMP regions then stall on every op waiting for a descheduled thread",
-    )
+    add_threads_argument(p)
     p.add_argument(
         "--quick",
         action="store_true",

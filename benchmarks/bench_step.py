@@ -55,7 +55,7 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import REPO_ROOT, RESULTS_DIR, provenance
+from benchmarks.harness import REPO_ROOT, RESULTS_DIR, add_threads_argument, provenance
 
 METHODS = ("sft", "mixed", "safegrad", "spf", "authors")
 PHASES = ("task_fwd", "task_bwd", "ref_fwd", "align_fwd", "align_bwd", "surgery", "optimizer")
@@ -442,13 +442,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch CPU threads (default: torch's). On a shared, oversubscribed VM use 1: "
-        "2-thread OpenMP regions then stall on every op waiting for a descheduled thread",
-    )
+    add_threads_argument(p)
     p.add_argument("--tiny", action="store_true", help="tiny config, 2 steps (smoke test)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps run in each memory subprocess")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")

@@ -16,6 +16,7 @@ Timing rules (why each):
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import os
 import platform
@@ -243,6 +244,16 @@ def provenance(device: torch.device) -> dict[str, str]:
         "triton": triton_version,
         "device": device.type,
     }
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: torch's). On a shared, oversubscribed VM use 1: "
+        "2-thread OpenMP regions then stall on every op waiting for a descheduled thread",
+    )
 
 
 def fmt_ms(seconds: float) -> str:
