@@ -382,3 +382,32 @@ def test_built_wheel_carries_the_sources_and_builds(tmp_path):
     assert Path(src) == target / "safegrad_kernels" / "_csrc", src
     assert any((tmp_path / "torch_extensions").iterdir()), "the wheel did not build its own"
     assert sums == "[10.0, 20.0, 5.0]"
+
+
+def test_no_compiler_means_unavailable_with_a_reason(tmp_path):
+    """Without a working C++ compiler the import, `safegrad info` and the ops still work."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["CXX"] = str(tmp_path / "no-such-compiler")
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")  # nothing cached: it must build
+    env.pop("SAFEGRAD_BACKEND", None)
+    probe = (
+        "import json, torch, safegrad_kernels as sk\n"
+        "from safegrad_kernels.cli import main\n"
+        "main(['info', '--json'])\n"
+        "print(json.dumps(sk.dot_norms([torch.ones(3)], [torch.ones(3)]).tolist()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    info_text, sums = out.stdout.rsplit("\n", 2)[:2]
+    info = json.loads(info_text)
+    cpp = info["backends"]["cpp"]
+    assert not cpp["available"] and cpp["reason"], cpp
+    assert info["auto_backend"]["cpu"] == "torch"
+    assert json.loads(sums) == [3.0, 3.0, 3.0]
