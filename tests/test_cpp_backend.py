@@ -350,7 +350,19 @@ def test_built_wheel_carries_the_sources_and_builds(tmp_path):
 
     if int(setuptools.__version__.split(".")[0]) < 68:
         pytest.skip(f"setuptools {setuptools.__version__} < 68 (pyproject's build requirement)")
-    root = Path(__file__).resolve().parents[1]
+    import shutil
+
+    # Built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
+    root = tmp_path / "src"
+    keep = ("pyproject.toml", "setup.py", "README.md", "csrc", "safegrad_kernels")
+    checkout = Path(__file__).resolve().parents[1]
+    for name in keep:
+        src = checkout / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            root.mkdir(exist_ok=True)
+            shutil.copy2(src, root / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     build = [*pip, "wheel", str(root), "--no-deps", "--no-build-isolation", "-w", str(tmp_path)]
     subprocess.run(build, check=True, cwd=tmp_path, timeout=300)
