@@ -236,3 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BackendUnavailable as err:
         print(f"safegrad {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`safegrad info | head`): not an error. Point stdout at
+        # devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
