@@ -151,13 +151,9 @@ Tensor gram(TensorList tensors, int64_t m) {
 
   for_each_chunk(table, [&](int64_t c) {
     const Chunk& ch = table.chunks[c];
-    // Per-thread buffers, reused across chunks: with thousands of small tensors (one chunk
-    // each) three heap allocations per chunk cost more than the arithmetic.
-    thread_local std::vector<float> scratch, lanes;
-    thread_local std::vector<const float*> rows;
-    scratch.resize(m * kSub);
-    rows.resize(m);
-    lanes.assign(pairs * kLanes, 0.0f);
+    std::vector<float> scratch(m * kSub);
+    std::vector<const float*> rows(m);
+    std::vector<float> lanes(pairs * kLanes, 0.0f);
     for (int64_t off = 0; off < ch.len; off += kSub) {
       const int64_t len = ch.len - off < kSub ? ch.len - off : kSub;
       const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;

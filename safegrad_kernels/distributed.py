@@ -75,7 +75,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ShardInfo", "all_reduce_gram", "all_reduce_sums", "check_ddp", "localize"]
+__all__ = [
+    "ShardInfo",
+    "all_reduce_gram",
+    "all_reduce_sums",
+    "check_ddp",
+    "gather_whole",
+    "localize",
+    "write_local_piece",
+]
 
 
 def _dtensor_class() -> type | None:
@@ -347,6 +355,34 @@ def all_reduce_gram(
         )
         local = torch.zeros(m, m, dtype=torch.float32, device=device)
     return _all_reduce(local, info)
+
+
+def gather_whole(t: Tensor | None) -> Tensor | None:
+    """A DTensor's whole tensor (an all-gather on its mesh); any other tensor itself.
+
+    For algorithms that need whole matrices (SPF's SVD). Only ``Shard`` and ``Replicate``
+    placements: :func:`write_local_piece` must be able to cut the rank's piece back out.
+    """
+    dtensor = _dtensor_class()
+    if t is None or dtensor is None or not isinstance(t, dtensor):
+        return t
+    if not all(p.is_shard() or p.is_replicate() for p in t.placements):
+        raise ValueError(
+            f"whole-matrix surgery supports Shard/Replicate placements, got {t.placements}"
+        )
+    return t.full_tensor()
+
+
+def write_local_piece(dst: Tensor, whole: Tensor) -> None:
+    """Copy this rank's piece of ``whole`` into the DTensor ``dst`` (no communication)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = dst.to_local()
+    shape, offset = compute_local_shape_and_global_offset(
+        whole.shape, dst.device_mesh, dst.placements
+    )
+    piece = whole[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+    local.copy_(piece.reshape(local.shape))
 
 
 def check_ddp(module: torch.nn.Module) -> None:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..distributed import _dtensor_class
+from ..distributed import gather_whole, write_local_piece
 from .base import Surgeon, check_backend, check_choice
 from .stats import SPFStats
 
@@ -81,31 +81,6 @@ class _Group:
     basis: Tensor | None = None  # [b, big, rank], orthonormal or zero columns
     coords: Tensor | None = None  # [b, rank, small] = basis^T S
     nonempty: Tensor | None = None  # [b] bool: the basis has at least one direction
-
-
-def _gather(t: Tensor | None) -> Tensor | None:
-    """A DTensor's whole tensor (a collective on its mesh); any other tensor itself."""
-    dtensor = _dtensor_class()
-    if t is None or dtensor is None or not isinstance(t, dtensor):
-        return t
-    placements = t.placements
-    if any(type(pl).__name__ not in ("Shard", "Replicate") for pl in placements):
-        raise ValueError(
-            f"SPF supports DTensor gradients with Shard/Replicate placements, got {placements}"
-        )
-    return t.full_tensor()
-
-
-def _scatter_back(dst: Tensor, full: Tensor) -> None:
-    """Write this rank's piece of ``full`` into the DTensor ``dst`` (no communication)."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local = dst.to_local()
-    shape, offset = compute_local_shape_and_global_offset(
-        full.shape, dst.device_mesh, dst.placements
-    )
-    piece = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
-    local.copy_(piece.reshape(local.shape))
 
 
 def _layout(g: _Group) -> tuple[int, int, bool, int, int]:
@@ -268,7 +243,7 @@ class SPF(Surgeon):
         grads: list[Tensor | None] = [None] * len(self.params)
         captured = self._peek(0)
         for i in self._matrix_idx:
-            refs[i], grads[i] = _gather(captured[i]), _gather(self.params[i].grad)
+            refs[i], grads[i] = gather_whole(captured[i]), gather_whole(self.params[i].grad)
         refresh = self.wants_reference and any(refs[i] is not None for i in self._matrix_idx)
         for group in self._groups:
             group_refs = [refs[i] for i in group.members]
@@ -289,7 +264,7 @@ class SPF(Surgeon):
         for i in self._matrix_idx:
             grad = self.params[i].grad
             if grad is not None and grads[i] is not grad:  # a DTensor: keep this rank's shard
-                _scatter_back(grad, grads[i])
+                write_local_piece(grad, grads[i])
         self._take(0)
         self._step += 1
 
