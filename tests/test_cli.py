@@ -341,37 +341,6 @@ def test_eval_writes_metrics(world, sft_run, tmp_path, capsys):
     assert "metrics written to" in capsys.readouterr().out
 
 
-def test_eval_scoring_helpers():
-    from safegrad_kernels.evaluate import (
-        classification_accuracy,
-        extract_final_number,
-        gsm8k_accuracy,
-        is_refusal,
-        predict_label,
-    )
-
-    assert is_refusal("I’m sorry, but I can’t help with that.")
-    assert is_refusal("As an AI, I will not do this")
-    assert not is_refusal("Sure, first get the tool")
-    assert (
-        predict_label("Negative, though parts were positive", ["positive", "negative"])
-        == "negative"
-    )
-    assert predict_label("non-positive?", ["positive"]) == "positive"
-    assert predict_label("positively", ["positive"]) is None
-    acc, correct = classification_accuracy(
-        ["positive", "it is negative", "meh"], ["positive", "Positive", "negative"]
-    )
-    assert correct == [True, False, False] and acc == pytest.approx(100 / 3)
-    assert extract_final_number("so 3 + 4 = 7 apples\n#### 1,234") == 1234
-    assert extract_final_number("The answer is -2.5.") == -2.5
-    assert extract_final_number("no digits") is None
-    acc, correct = gsm8k_accuracy(
-        ["... total 18", "I think 7", ""], ["#### 18", "... #### 8", "#### 1"]
-    )
-    assert correct == [True, False, False]
-
-
 # -------------------------------------------------------------------------- demo
 def test_demo_subcommand_delegates(monkeypatch, tmp_path, capsys):
     demo = pytest.importorskip("safegrad_kernels.demo")
@@ -429,10 +398,10 @@ def test_eval_needs_something_to_evaluate(world, capsys):
 
 
 def test_cli_methods_match_the_trainer():
-    from safegrad_kernels import train
+    from safegrad_kernels.cli import train as train_command
     from safegrad_kernels.integrations import trainer
 
-    assert train.METHODS == trainer.METHODS
+    assert train_command.METHODS == trainer.METHODS
 
 
 @pytest.mark.distributed

@@ -1,0 +1,83 @@
+"""What the `safegrad` commands share: argparse value types, the help formatter, option groups.
+
+Only the standard library and ``data`` are imported here, so building any parser stays fast
+and works without transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from ..data import PROMPT_STYLES, check_ratio
+
+__all__ = [
+    "DefaultsFormatter",
+    "add_model_arguments",
+    "add_prompt_style",
+    "add_values",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_int",
+    "ratio",
+]
+
+T = TypeVar("T", int, float)
+Options = argparse._ActionsContainer  # a parser or one of its argument groups
+# An option taking one value: (flag, type, default, help).
+Value = tuple[str, Callable[[str], Any], Any, str]
+
+
+def _checked(convert: Callable[[str], T], accept: Callable[[T], bool], what: str):
+    """An argparse type: ``convert(text)`` if it parses and ``accept`` holds, else a usage error."""
+
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+            ok = accept(value)
+        except ValueError:  # also check_ratio's DataError
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
+# `v >= 0` is False for nan, so nan is refused too.
+non_negative_float = _checked(float, lambda v: v >= 0, "a non-negative number")
+# check_ratio (the one definition of a valid ratio) raises DataError, a ValueError, otherwise.
+ratio = _checked(float, lambda v: check_ratio(v) == v, "a number in [0, 1]")
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_values(group: Options, values: Sequence[Value]) -> None:
+    """Add each ``(flag, type, default, help)`` option: the table form of ``add_argument``."""
+    for flag, kind, default, text in values:
+        group.add_argument(flag, type=kind, default=default, help=text)
+
+
+def add_model_arguments(group: Options) -> None:
+    """``--model`` and ``--trust-remote-code``: the base model every HF command loads."""
+    group.add_argument(
+        "--model", required=True, help="local Hugging Face causal LM directory (never downloaded)"
+    )
+    group.add_argument(
+        "--trust-remote-code", action="store_true", help="allow model code from --model's directory"
+    )
+
+
+def add_prompt_style(group: Options, *, default: str | None, help: str) -> None:
+    """``--prompt-style``: the template that turns an example into the model's prompt."""
+    group.add_argument("--prompt-style", choices=PROMPT_STYLES, default=default, help=help)
