@@ -495,7 +495,6 @@ def test_torch_compile_fullgraph():
     assert all(torch.equal(a, b) for a, b in zip(grads, eager))
 
 
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_hot_path_never_syncs(backend, per_tensor, forbid_host_sync):

@@ -187,7 +187,6 @@ def test_bad_input_raises_and_mutates_nothing(case, exc, match):
         assert all(torch.equal(a, b) for lst, old in zip(lists, before) for a, b in zip(lst, old))
 
 
-
 # -- the surgeon ------------------------------------------------------------------
 
 

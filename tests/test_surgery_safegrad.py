@@ -278,7 +278,6 @@ def test_bad_params():
     assert SafeGrad(params + params).params == tuple(params)  # duplicates kept once
 
 
-
 @pytest.mark.parametrize("granularity", ["global", "per_tensor"])
 @pytest.mark.parametrize("missing", [False, True])
 def test_step_never_syncs(granularity, missing, forbid_host_sync):

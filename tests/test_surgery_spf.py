@@ -197,7 +197,6 @@ def test_partial_reference_between_refreshes_updates_only_those_coordinates():
     check(params, [fresh, safety[1]], task, stats, 2, "conflicting", 1e-5, s_for_basis=safety)
 
 
-
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
 def test_step_never_syncs(svd, forbid_host_sync):
     params, safety, task = make_problem(shapes=[(12, 5), (3, 20)])
