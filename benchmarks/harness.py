@@ -1,4 +1,4 @@
-"""Timing, bandwidth and provenance shared by the benchmark scripts.
+"""Timing, bandwidth, provenance, CSV history and table writing shared by the benchmarks.
 
 Timing rules (why each):
 
@@ -17,13 +17,15 @@ Timing rules (why each):
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import datetime as _dt
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,7 +225,22 @@ def git_commit() -> str:
     return sha[:12] if out.returncode == 0 and sha else "uncommitted"
 
 
+# The columns every benchmark's CSV starts with: which machine, software and load.
+RUN_FIELDS = (
+    "date",
+    "commit",
+    "machine",
+    "cores",
+    "threads",
+    "torch",
+    "triton",
+    "device",
+    "loadavg",
+)
+
+
 def provenance(device: torch.device) -> dict[str, str]:
+    """The ``RUN_FIELDS`` of a run starting now on ``device``."""
     try:
         import triton
 
@@ -243,6 +260,8 @@ def provenance(device: torch.device) -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton_version,
         "device": device.type,
+        # The VMs are shared: a busy neighbour cuts the bandwidth ten-fold.
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
 
 
@@ -263,3 +282,80 @@ def fmt_ms(seconds: float) -> str:
     if ms >= 10:
         return f"{ms:.1f}"
     return f"{ms:.2f}"
+
+
+def mem_available_gb(default: float = 8.0) -> float:
+    """MemAvailable from /proc/meminfo in GiB (``default`` where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable"):
+                return int(line.split()[1]) / 2**20
+    return default
+
+
+def csv_list(s: str) -> list[str]:
+    """``"a, b,,c"`` -> ``["a", "b", "c"]`` (the comma-list command-line options)."""
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+# --------------------------------------------------------------------------- CSV history
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_csv(path: Path, fields: Sequence[str], rows: Iterable[Mapping[str, object]]) -> None:
+    """Append ``rows`` to the history at ``path``, writing the header if the file is new.
+
+    A file written with other columns is rewritten once under the union of both headers
+    (missing values left empty) rather than appended to out of line: the CSVs are the
+    only record of past runs.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = list(fields)
+    if path.exists():
+        with path.open(newline="") as f:
+            old_header = next(csv.reader(f), [])
+        if old_header and old_header != header:
+            union = old_header + [k for k in header if k not in old_header]
+            if union != old_header:
+                old_rows = read_csv(path)
+                with path.open("w", newline="") as f:
+                    w = csv.DictWriter(f, fieldnames=union, restval="")
+                    w.writeheader()
+                    w.writerows(old_rows)
+            header = union
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=header, restval="")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A GitHub table, the first column left-aligned and the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return lines
+
+
+def text_table(
+    header: Sequence[str], rows: Iterable[Sequence[str]], indent: str = "  "
+) -> list[str]:
+    """The same cells for a terminal: padded columns, the first left-aligned."""
+    rows = [list(r) for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        return indent + "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:]))])
+
+    return [line(header), *(line(r) for r in rows)]

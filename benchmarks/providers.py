@@ -36,6 +36,7 @@ error ~2^-9), which we accept for those providers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .harness import Candidate
+from .workloads import Workload, flatten_into, make_pair, make_tasks
 
 EPS = 1e-12  # the op's default; the authors use 1e-9, irrelevant for these data
 
@@ -72,6 +74,26 @@ class PairData:
         assert self.x2 is not None
         self.x2[0].copy_(self.pristine)
 
+    def written(self, provider: str) -> list[Tensor]:
+        """Where ``provider``'s project_conflicting_ left the updated gradients."""
+        if provider == "flat":
+            return _split_views(self.g_flat, self.grads)
+        if provider == "flat-gemm":
+            assert self.x2 is not None
+            return _split_views(self.x2[0], self.grads)
+        return self.grads
+
+    @classmethod
+    def build(
+        cls, work: Workload, dtype: torch.dtype, device: torch.device, *, conflict: bool, gemm: bool
+    ) -> PairData:
+        """The workload's ``(g, r)`` pair and its flat copies (``gemm``: also the [2, N] rows)."""
+        grads, refs = make_pair(work, dtype, device, conflict=conflict)
+        pristine, _ = flatten_into(grads)
+        r_flat, _ = flatten_into(refs)
+        x2 = torch.stack([pristine, r_flat]) if gemm else None
+        return cls(grads, refs, pristine, pristine.clone(), r_flat, x2)
+
 
 @dataclass
 class TaskData:
@@ -85,6 +107,25 @@ class TaskData:
 
     def restore_lists(self) -> None:
         torch._foreach_copy_(self.lists[0], _split_views(self.pristine0, self.lists[0]))
+
+    def written(self, provider: str) -> list[Tensor]:
+        """Where ``provider``'s pcgrad_ left the aggregate."""
+        if provider == "flat":
+            return _split_views(self.out_flat, self.lists[0])
+        return self.lists[0]
+
+    @classmethod
+    def build(
+        cls, work: Workload, m: int, dtype: torch.dtype, device: torch.device, *, conflict: bool
+    ) -> TaskData:
+        """``m`` task lists over the workload, their ``[m, N]`` flat copy and a fixed order."""
+        lists = make_tasks(work, m, dtype, device, conflict=conflict)
+        x = torch.empty(m, work.numel, dtype=dtype, device=device)
+        for row, lst in zip(x, lists):  # in place: no second [m, N] copy at the peak
+            torch._foreach_copy_(_split_views(row, lst), lst)
+        pristine0 = x[0].clone()
+        order = torch.arange(m).repeat(m, 1)
+        return cls(lists, pristine0, x, torch.empty_like(pristine0), order)
 
 
 def _split_views(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
@@ -102,17 +143,20 @@ def _f32(t: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- dot_norms
 
 
-def dot_norms_loop(grads: Sequence[Tensor], refs: Sequence[Tensor]) -> Tensor:
-    dev = grads[0].device
-    dot = torch.zeros((), device=dev)
-    rr = torch.zeros((), device=dev)
-    gg = torch.zeros((), device=dev)
+def _loop_sums(grads: Sequence[Tensor], refs: Sequence[Tensor], *, gg: bool) -> list[Tensor]:
+    """``<g, r>``, ``||r||^2`` (and ``||g||^2``) the authors' way: fp32 products, tensor by tensor."""
+    sums = [torch.zeros((), device=grads[0].device) for _ in range(3 if gg else 2)]
     for g, r in zip(grads, refs):
         g32, r32 = g.float(), r.float()
-        dot += (g32 * r32).sum()
-        rr += (r32 * r32).sum()
-        gg += (g32 * g32).sum()
-    return torch.stack([dot, rr, gg])
+        sums[0] += (g32 * r32).sum()
+        sums[1] += (r32 * r32).sum()
+        if gg:
+            sums[2] += (g32 * g32).sum()
+    return sums
+
+
+def dot_norms_loop(grads: Sequence[Tensor], refs: Sequence[Tensor]) -> Tensor:
+    return torch.stack(_loop_sums(grads, refs, gg=True))
 
 
 def dot_norms_cat(grads: Sequence[Tensor], refs: Sequence[Tensor]) -> Tensor:
@@ -138,7 +182,7 @@ def dot_norms_eager(grads: Sequence[Tensor], refs: Sequence[Tensor]) -> Tensor:
     return torch.stack([_dots_eager(grads, refs), _sq_norm_eager(refs), _sq_norm_eager(grads)])
 
 
-def _flat_sums(g: Tensor, r: Tensor) -> Tensor:
+def dot_norms_flat(g: Tensor, r: Tensor) -> Tensor:
     if g.dtype == torch.float32:
         return torch.stack([torch.dot(g, r), torch.dot(r, r), torch.dot(g, g)])
     # vector_norm(bf16, dtype=float32) is off by 5.7e-3 relative at 40M elements (measured):
@@ -147,7 +191,7 @@ def _flat_sums(g: Tensor, r: Tensor) -> Tensor:
     return torch.stack([torch.dot(g32, r32), torch.dot(r32, r32), torch.dot(g32, g32)])
 
 
-def _gemm_sums(x2: Tensor) -> Tensor:
+def dot_norms_flat_gemm(x2: Tensor) -> Tensor:
     gram2 = (x2 @ x2.T).float()
     return torch.stack([gram2[0, 1], gram2[1, 1], gram2[0, 0]])
 
@@ -163,18 +207,12 @@ def _coef_on_device(sums: Tensor, rho: float) -> tuple[Tensor, Tensor]:
 
 
 def project_loop(grads: Sequence[Tensor], refs: Sequence[Tensor], rho: float) -> Tensor:
-    dev = grads[0].device
-    dot = torch.zeros((), device=dev)
-    rr = torch.zeros((), device=dev)
-    for g, r in zip(grads, refs):
-        g32, r32 = g.float(), r.float()
-        dot += (g32 * r32).sum()
-        rr += (r32 * r32).sum()
+    dot, rr = _loop_sums(grads, refs, gg=False)
     s = dot / rr if (dot < 0 and rr > EPS) else 0.0  # the host branch (a sync on GPUs)
     for g, r in zip(grads, refs):
         r32 = r.float()
         g.copy_(g.float() - s * r32 + rho * r32)
-    return torch.stack([dot, rr, torch.as_tensor(s, device=dev)])
+    return torch.stack([dot, rr, torch.as_tensor(s, device=dot.device)])
 
 
 def project_cat(grads: Sequence[Tensor], refs: Sequence[Tensor], rho: float) -> Tensor:
@@ -198,14 +236,14 @@ def project_eager(grads: Sequence[Tensor], refs: Sequence[Tensor], rho: float) -
 
 
 def project_flat(g: Tensor, r: Tensor, rho: float) -> Tensor:
-    sums = _flat_sums(g, r)
+    sums = dot_norms_flat(g, r)
     c, a = _coef_on_device(sums, rho)
     g.addcmul_(r, a)
     return torch.cat([sums, c.view(1)])
 
 
 def project_flat_gemm(x2: Tensor, rho: float) -> Tensor:
-    sums = _gemm_sums(x2)
+    sums = dot_norms_flat_gemm(x2)
     c, a = _coef_on_device(sums, rho)
     x2[0].addcmul_(x2[1], a)
     return torch.cat([sums, c.view(1)])
@@ -358,102 +396,29 @@ def torchjd_version() -> str | None:
 # --------------------------------------------------------------------------- candidate lists
 
 
-def _lib():
+def library():
+    """The package under test, imported only when a backend is benchmarked."""
     import safegrad_kernels
 
     return safegrad_kernels
 
 
-def _pcgrad_op():
-    sgk = _lib()
-    if hasattr(sgk, "pcgrad_"):
-        return sgk.pcgrad_
-    from safegrad_kernels.ops.pcgrad import pcgrad_
-
-    return pcgrad_
-
-
-def pair_candidates(
-    op: str, data: PairData, backends: Sequence[str], providers: Sequence[str], rho: float = 0.0
+def assemble(
+    op: str,
+    args: tuple,
+    kwargs: dict,
+    baselines: dict[str, Candidate],
+    backends: Sequence[str],
+    providers: Sequence[str],
+    reset: Callable[[], None] | None = None,
 ) -> list[Candidate]:
-    """Candidates for ``dot_norms`` or ``project_conflicting_`` over ``data``."""
-    sgk = _lib() if backends else None
-    g, r = data.grads, data.refs
-    out: list[Candidate] = []
-    if op == "dot_norms":
-        for b in backends:
-            out.append(Candidate(b, lambda b=b: sgk.dot_norms(g, r, backend=b)))
-        table: dict[str, Candidate] = {
-            "loop": Candidate("loop", lambda: dot_norms_loop(g, r)),
-            "cat": Candidate("cat", lambda: dot_norms_cat(g, r)),
-            "eager": Candidate("eager", lambda: dot_norms_eager(g, r)),
-            "flat": Candidate("flat", lambda: _flat_sums(data.g_flat, data.r_flat)),
-        }
-        if data.x2 is not None:
-            table["flat-gemm"] = Candidate("flat-gemm", lambda: _gemm_sums(data.x2))
-    elif op == "project_conflicting_":
-        for b in backends:
-            out.append(
-                Candidate(
-                    b,
-                    lambda b=b: sgk.project_conflicting_(g, r, rho=rho, backend=b),
-                    data.restore_lists,
-                )
-            )
-        table = {
-            "loop": Candidate("loop", lambda: project_loop(g, r, rho), data.restore_lists),
-            "cat": Candidate("cat", lambda: project_cat(g, r, rho), data.restore_lists),
-            "eager": Candidate("eager", lambda: project_eager(g, r, rho), data.restore_lists),
-            "flat": Candidate(
-                "flat", lambda: project_flat(data.g_flat, data.r_flat, rho), data.restore_flat
-            ),
-        }
-        if data.x2 is not None:
-            table["flat-gemm"] = Candidate(
-                "flat-gemm", lambda: project_flat_gemm(data.x2, rho), data.restore_x2
-            )
-    else:
-        raise ValueError(f"not a pair op: {op}")
-    out.extend(table[p] for p in providers if p in table)
-    return out
-
-
-def task_candidates(
-    op: str, data: TaskData, backends: Sequence[str], providers: Sequence[str]
-) -> list[Candidate]:
-    """Candidates for ``gram`` or ``pcgrad_`` over ``data``."""
-    sgk = _lib() if backends else None
-    lists, order = data.lists, data.order
-    out: list[Candidate] = []
-    if op == "gram":
-        for b in backends:
-            out.append(Candidate(b, lambda b=b: sgk.gram(lists, backend=b)))
-        table = {
-            "loop": Candidate("loop", lambda: gram_loop(lists)),
-            "cat": Candidate("cat", lambda: gram_cat(lists)),
-            "eager": Candidate("eager", lambda: gram_eager(lists)),
-            "flat": Candidate("flat", lambda: gram_flat(data.x)),
-        }
-    elif op == "pcgrad_":
-        pcgrad_op = _pcgrad_op() if backends else None
-        for b in backends:
-            out.append(
-                Candidate(
-                    b,
-                    lambda b=b: pcgrad_op(lists, order=order, backend=b),
-                    data.restore_lists,
-                )
-            )
-        table = {
-            "loop": Candidate("loop", lambda: pcgrad_loop(lists, order), data.restore_lists),
-            "cat": Candidate("cat", lambda: pcgrad_cat(lists, order), data.restore_lists),
-            "eager": Candidate("eager", lambda: pcgrad_eager(lists, order), data.restore_lists),
-            "flat": Candidate("flat", lambda: pcgrad_flat(data.x, data.out_flat, order)),
-        }
-        agg = torchjd_pcgrad()
-        if agg is not None:
-            table["torchjd"] = Candidate("torchjd", lambda: agg(data.x))
-    else:
-        raise ValueError(f"not a task op: {op}")
-    out.extend(table[p] for p in providers if p in table)
+    """The library's ``op(*args, **kwargs, backend=b)`` once per backend, then the
+    baselines named in ``providers`` that this op has, in the order asked."""
+    out = []
+    if backends:
+        fn = getattr(library(), op)
+        out = [
+            Candidate(b, functools.partial(fn, *args, backend=b, **kwargs), reset) for b in backends
+        ]
+    out.extend(baselines[p] for p in providers if p in baselines)
     return out

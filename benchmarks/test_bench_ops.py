@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from benchmarks import bench_ops
-from benchmarks import providers as P
+from benchmarks.cases import Case
+from benchmarks.check import Checker
+from benchmarks.families import FAMILIES
 from benchmarks.harness import DTYPES
 from benchmarks.workloads import WORKLOADS
 
@@ -36,7 +38,7 @@ def _cases():
             specs = [("dot_norms", 2, True)]
             specs += [("project_conflicting_", 2, c) for c in (True, False)]
             ms = bench_ops.DEFAULT_MS.get(w, (2, 4, 8))
-            specs += [(op, m, c) for op in ("gram", "pcgrad_") for m in ms for c in (True, False)]
+            specs += [(op, m, c) for op in bench_ops.TASK_OPS for m in ms for c in (True, False)]
             for op, m, conflict in specs:
                 for prov in PROVIDERS:
                     if prov == "flat-gemm" and op not in bench_ops.PAIR_OPS:
@@ -58,22 +60,16 @@ def _case_data(key: tuple) -> tuple:
         _cache.clear()
         gc.collect()
         w, dname, op, m, conflict = key
-        case = bench_ops.Case(WORKLOADS[w], DTYPES[dname], op, m, conflict)
-        if op in bench_ops.PAIR_OPS:
-            data = bench_ops.build_pair(case, DEVICE, with_gemm=True)
-        else:
-            data = bench_ops.build_tasks(case, DEVICE)
-        _cache[key] = (case, data, bench_ops.Checker(case, data))
+        case = Case(WORKLOADS[w], DTYPES[dname], FAMILIES[op], m, conflict)
+        data = case.build(DEVICE, PROVIDERS)
+        _cache[key] = (case, data, Checker(case, data))
     return _cache[key]
 
 
 @pytest.mark.parametrize(("workload", "dtype", "op", "m", "conflict", "provider"), _cases())
 def test_op(benchmark, workload, dtype, op, m, conflict, provider):
     case, data, checker = _case_data((workload, dtype, op, m, conflict))
-    if op in bench_ops.PAIR_OPS:
-        cands = P.pair_candidates(op, data, BACKENDS, [provider])
-    else:
-        cands = P.task_candidates(op, data, BACKENDS, [provider])
+    cands = case.family.candidates(data, BACKENDS, [provider], 0.0)
     cands = [c for c in cands if c.name == provider]
     if not cands:
         pytest.skip(f"provider {provider} not available")

@@ -1,9 +1,10 @@
-"""Test-wide set-up: the Triton interpreter, seeds and thread count.
+"""Test-wide set-up: the Triton interpreter, seeds, thread count and the host-sync guard.
 
 TRITON_INTERPRET must be set before anything imports triton, so that the Triton
 backend runs its kernels on CPU tensors (correctness only; it is slow).
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -40,3 +41,62 @@ def pytest_runtest_makereport(item, call):
         for key, value in item.user_properties:
             if key == "seed":
                 item.add_report_section(call.when, "seed", f"torch.manual_seed({value})")
+
+
+# Every Python-level way of reading a tensor's value on the host. On CUDA each one waits
+# for the device; on the CPU they are free, but forbidding them there too lets the CPU
+# test run prove that the hot path never asks (`if dot < 0:` would call __bool__).
+_HOST_READS = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__complex__",
+)
+
+
+@contextlib.contextmanager
+def _no_host_sync(cuda: bool | None = None):
+    """Inside the block, reading a tensor value on the host raises ``AssertionError``.
+
+    ``cuda``: also set ``torch.cuda.set_sync_debug_mode("error")``, which catches the
+    synchronising CUDA calls that never pass through Python (``nonzero``, ``torch.equal``
+    on device tensors, a blocking copy to the host). ``None`` (default): on when CUDA is
+    available and already initialised, i.e. when the test has put tensors on a GPU;
+    setting the mode would otherwise initialise CUDA for a CPU-only test.
+    """
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host synchronisation on the hot path")
+
+    if cuda is None:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError("forbid_host_sync(cuda=True) needs CUDA")
+    saved = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+    mode = torch.cuda.get_sync_debug_mode() if cuda else None
+    for name in _HOST_READS:
+        setattr(torch.Tensor, name, boom)
+    try:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error")
+        yield
+    except RuntimeError as exc:
+        if cuda and "synchronizing" in str(exc):
+            raise AssertionError(f"host synchronisation on the hot path: {exc}") from exc
+        raise
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(mode)
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+@pytest.fixture
+def forbid_host_sync():
+    """The guard as a context manager: ``with forbid_host_sync(): surgeon.step()``."""
+    return _no_host_sync

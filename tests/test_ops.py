@@ -7,7 +7,6 @@ validation, determinism, opcheck, torch.compile and the absence of host syncs.
 
 from __future__ import annotations
 
-import contextlib
 import random
 
 import pytest
@@ -496,27 +495,9 @@ def test_torch_compile_fullgraph():
     assert all(torch.equal(a, b) for a, b in zip(grads, eager))
 
 
-@contextlib.contextmanager
-def forbid_host_sync():
-    """Make every way of reading a tensor value on the host raise."""
-
-    def boom(*args, **kwargs):
-        raise AssertionError("host synchronisation on the hot path")
-
-    saved = {}
-    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
-        saved[name] = getattr(torch.Tensor, name)
-        setattr(torch.Tensor, name, boom)
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("per_tensor", [False, True])
-def test_hot_path_never_syncs(backend, per_tensor):
+def test_hot_path_never_syncs(backend, per_tensor, forbid_host_sync):
     grads, refs = make_lists(20, torch.bfloat16, sizes=SIZES[:9], m=2)
     make_conflict(grads, refs, conflict=True)
     weights = torch.tensor([0.5, -1.0])
@@ -527,7 +508,7 @@ def test_hot_path_never_syncs(backend, per_tensor):
         sk.combine_(grads, [grads, refs], weights, backend=backend)
 
 
-def test_the_sync_guard_can_fail():
+def test_the_sync_guard_can_fail(forbid_host_sync):
     with pytest.raises(AssertionError, match="host synchronisation"), forbid_host_sync():
         if torch.ones(1):
             pass
