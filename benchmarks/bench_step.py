@@ -18,7 +18,9 @@ Model: a randomly initialised ``LlamaForCausalLM`` with PEFT LoRA r=8 (alpha 16,
 the model differs from its reference and the alignment gradient is not zero. Batches:
 random tokens, the first half of each row a prompt (label -100), the rest the response.
 
-Methods (the library path, as ``safegrad_kernels.demo.train`` drives it, minus caching):
+Methods: every entry of the registry ``safegrad_kernels.surgery.METHODS`` (the library
+path, as ``safegrad_kernels.demo.train`` drives it, minus caching; settings ``SETTINGS``),
+plus the benchmark-only ``authors`` baseline:
 
 ``sft``       task cross-entropy forward/backward, AdamW.
 ``mixed``     + alignment KL(P_ref || P_theta) with weight 1 (reference logits from the
@@ -37,6 +39,7 @@ Phases are timed with ``time.perf_counter`` (CPU: every op is synchronous).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
 import json
@@ -56,8 +59,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import REPO_ROOT, RESULTS_DIR, add_threads_argument, provenance
+from safegrad_kernels.demo.train import METHODS as LIBRARY_METHODS
+from safegrad_kernels.losses import model_inputs, response_ce
+from safegrad_kernels.surgery import get_method
 
-METHODS = ("sft", "mixed", "safegrad", "spf", "authors")
+# The benchmark-only reimplementation of the authors' step, beside the registry's methods.
+AUTHORS = "authors"
+METHODS = (*LIBRARY_METHODS, AUTHORS)
+# Hyperparameters of the registry's methods here (each method reads its own).
+SETTINGS = {"rho": 1.0, "lam": 1.0, "spf_rank": 4, "spf_refresh_every": 10}
 PHASES = ("task_fwd", "task_bwd", "ref_fwd", "align_fwd", "align_bwd", "surgery", "optimizer")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -139,14 +149,6 @@ def _batch(vocab: int, bsz: int, seq: int, gen: torch.Generator) -> dict[str, to
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-    )
-
-
 class StepRunner:
     """One method's model, optimizer, batches and surgeon; ``step()`` times one step's phases."""
 
@@ -156,7 +158,6 @@ class StepRunner:
         from transformers.utils import logging as hf_logging
 
         from safegrad_kernels.integrations.peft import lora_parameters
-        from safegrad_kernels.surgery import SPF, SafeGrad
 
         hf_logging.set_verbosity_error()
         torch.manual_seed(seed)
@@ -165,7 +166,8 @@ class StepRunner:
         base = LlamaForCausalLM(LlamaConfig(**cfg_kwargs))
         self.model_params = sum(p.numel() for p in base.parameters())
         self.ref_model = None
-        if method == "authors":
+        self.spec = None if method == AUTHORS else get_method(method)
+        if self.spec is None:
             # The public trainer loads P_ref as a second full model; a deep copy of the
             # base weights is the same memory.
             self.ref_model = copy.deepcopy(base).eval()
@@ -184,11 +186,8 @@ class StepRunner:
         vocab = cfg_kwargs["vocab_size"]
         self.user = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
         self.align = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
-        self.surgeon = None
-        if method == "safegrad":
-            self.surgeon = SafeGrad(self.params, rho=1.0)
-        elif method == "spf":
-            self.surgeon = SPF(self.params, rank=4, refresh_every=10, mode="conflicting")
+        self.settings = self.spec.validate(**SETTINGS) if self.spec is not None else {}
+        self.surgeon = self.spec.build_surgeon(self.params, self.settings) if self.spec else None
         self.model.train()
         self.n = 0
 
@@ -202,10 +201,11 @@ class StepRunner:
         ph = dict.fromkeys(PHASES, 0.0)
         t = time.perf_counter
         t_step = t()
-        if self.method == "authors":
+        spec = self.spec
+        if spec is None:  # the authors' step
             # -- task gradient, cloned
             s0 = t()
-            loss_u = _response_ce(model(**_inputs(ub)).logits, ub["labels"])
+            loss_u = response_ce(model(**model_inputs(ub)).logits, ub["labels"])
             ph["task_fwd"] = t() - s0
             s0 = t()
             loss_u.backward()
@@ -217,10 +217,10 @@ class StepRunner:
             # -- alignment gradient against the second model
             s0 = t()
             with torch.no_grad():
-                ref = self.ref_model(**_inputs(ab)).logits
+                ref = self.ref_model(**model_inputs(ab)).logits
             ph["ref_fwd"] = t() - s0
             s0 = t()
-            logits = model(**_inputs(ab)).logits
+            logits = model(**model_inputs(ab)).logits
             n_resp = (ab["labels"] != -100).sum()
             kl = F.kl_div(
                 F.log_softmax(logits.float(), -1), F.softmax(ref.float(), -1), reduction="sum"
@@ -242,28 +242,28 @@ class StepRunner:
             del g_u, g_a, fu, fa
             ph["surgery"] += t() - s0
         else:
-            method = self.method
-            need_align = method in ("mixed", "safegrad") or (
-                method == "spf" and surgeon.wants_reference
-            )
-            if need_align:
+            if spec.alignment_due(surgeon):
+                kl = spec.alignment_loss == "kl"
                 s0 = t()
-                ref = reference_logits(model, _inputs(ab)) if method != "spf" else None
+                ref = reference_logits(model, ab) if kl else None
                 ph["ref_fwd"] = t() - s0
-                ctx = surgeon.reference() if surgeon is not None else _null()
+                ctx = surgeon.reference() if surgeon is not None else contextlib.nullcontext()
                 with ctx:
                     s0 = t()
-                    logits = model(**_inputs(ab)).logits
-                    if method == "spf":
-                        loss_a = _response_ce(logits, ab["labels"])
-                    else:
+                    logits = model(**model_inputs(ab)).logits
+                    if kl:
                         loss_a = kl_alignment_loss(logits, ref, ab["labels"])
+                    else:
+                        loss_a = response_ce(logits, ab["labels"])
+                    weight = spec.loss_weight(self.settings)
+                    if weight != 1.0:
+                        loss_a = loss_a * weight
                     ph["align_fwd"] = t() - s0
                     s0 = t()
                     loss_a.backward()
                     ph["align_bwd"] = t() - s0
             s0 = t()
-            loss_u = _response_ce(model(**_inputs(ub)).logits, ub["labels"])
+            loss_u = response_ce(model(**model_inputs(ub)).logits, ub["labels"])
             ph["task_fwd"] = t() - s0
             s0 = t()
             loss_u.backward()
@@ -277,10 +277,6 @@ class StepRunner:
         opt.zero_grad(set_to_none=True)
         ph["optimizer"] = t() - s0
         return ph, t() - t_step
-
-
-def _inputs(b: dict) -> dict:
-    return {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}
 
 
 def time_methods(
@@ -346,14 +342,6 @@ def memory_worker(config: str, method: str, steps: int, seed: int) -> dict:
     for _ in range(steps):
         runner.step()
     return {"base_rss_mib": base / 1024, "peak_rss_mib": _vm_kib("VmHWM") / 1024}
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # --------------------------------------------------------------------------- driver

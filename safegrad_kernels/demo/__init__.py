@@ -127,9 +127,12 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def _grid(s: dict) -> list[tuple[str, float | None, float, int]]:
+    from .train import swept
+
     runs = []
     for method in s["methods"]:
-        weights = {"mixed": s["lam"], "safegrad": s["rho"]}.get(method, [None])
+        name = swept(method)
+        weights = s[name] if name is not None else [None]
         for weight in weights:
             for p in s["ratios"]:
                 for seed in s["seeds"]:

@@ -25,8 +25,9 @@ def label(method: str, weight: float | None) -> str:
     """``sft``, ``spf``, ``mixed lam=0.1``, ``safegrad rho=1`` ..."""
     if weight is None:
         return method
-    name = "lam" if method == "mixed" else "rho"
-    return f"{method} {name}={weight:g}"
+    from .train import swept
+
+    return f"{method} {swept(method)}={weight:g}"
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -3,7 +3,8 @@
 1. Alignment (full fine-tune of the random model, cached): benign instructions plus
    harmful prompts answered with refusals, giving the "aligned foundation model".
 2. User stage (fresh LoRA adapter per run): the user's sentiment set with a fraction p
-   of harmful prompt -> harmful answer pairs, trained with one of four methods:
+   of harmful prompt -> harmful answer pairs, trained with one of the registry's methods
+   (``safegrad_kernels.surgery.METHODS``):
 
    ``sft``       task loss only;
    ``mixed``     task + lambda * KL(P_ref || P_theta) on the defender's safety batch;
@@ -19,12 +20,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from ..losses import response_ce
+from ..surgery import methods as registry
+from ..surgery.stats import SPFStats
 from . import world
 from .model import ModelSpec, build_model, cache_key, cache_load, cache_save
 
-METHODS = ("sft", "mixed", "safegrad", "spf")
+# The registry's methods in report order: the baselines (no surgeon) first.
+METHODS = tuple(sorted(registry.METHODS, key=lambda m: registry.METHODS[m].surgeon is not None))
+# The hyperparameters the demo sweeps (``--rho``, ``--lam``); a method reads at most one.
+SWEPT = ("rho", "lam")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -100,14 +106,10 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def response_ce(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0):
-    """Cross-entropy on response tokens with the causal shift (logits[:, :-1] vs labels[:, 1:])."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=-100,
-        label_smoothing=label_smoothing,
-    )
+def swept(method: str) -> str | None:
+    """The hyperparameter of ``method`` that the demo sweeps (``rho``, ``lam``) or ``None``."""
+    names = [h.name for h in registry.get_method(method).hyperparameters]
+    return next((n for n in SWEPT if n in names), None)
 
 
 def _batches(data: dict[str, torch.Tensor], batch_size: int, gen: torch.Generator):
@@ -158,7 +160,7 @@ def align(
     for _ in range(aspec.steps):
         batch = next(batches)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = response_ce(logits, batch["labels"], aspec.label_smoothing)
+        loss = response_ce(logits, batch["labels"], label_smoothing=aspec.label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -244,13 +246,19 @@ def user_stage(
     seed: int,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[torch.nn.Module, RunLog]:
-    """Fine-tune a fresh adapter with ``method``; ``weight`` is lambda (mixed) or rho (safegrad)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    """Fine-tune a fresh adapter with ``method``; ``weight`` is its swept hyperparameter.
+
+    (``swept(method)``: lambda for mixed, rho for safegrad; ignored by the others.)
+    """
+    spec = registry.get_method(method)
+    settings = {"spf_rank": uspec.spf_rank, "spf_refresh_every": uspec.spf_refresh_every}
+    name = swept(method)
+    if name is not None:
+        settings[name] = weight
+    settings = spec.validate(**settings)
     from safegrad_kernels import dot_norms
     from safegrad_kernels.integrations.peft import lora_parameters
     from safegrad_kernels.losses import kl_alignment_loss
-    from safegrad_kernels.surgery import SPF, SafeGrad
 
     model = lora_model(state, tok, mspec, uspec, seed)
     params = list(lora_parameters(model))
@@ -282,13 +290,17 @@ def user_stage(
         sb = next(safety_batches)
         return response_ce(_forward(model, sb), sb["labels"])
 
-    surgeon = None
-    if method == "safegrad":
-        surgeon = SafeGrad(params, rho=weight)
-    elif method == "spf":
-        surgeon = SPF(
-            params, rank=uspec.spf_rank, refresh_every=uspec.spf_refresh_every, mode="conflicting"
-        )
+    # SPF's safety loss is cross-entropy on the refusals (the registry's default for it):
+    # its subspace is taken from the safety gradient itself, and the KL gradient is zero
+    # at step 0 (fresh adapter), which would leave SPF an empty subspace.
+    safety_loss = {"kl": kl_loss, "ce": safety_ce}.get(spec.alignment_loss)
+    safety_weight = spec.loss_weight(settings)
+
+    def weighted_safety_loss() -> torch.Tensor:
+        loss = safety_loss()
+        return loss if safety_weight == 1.0 else safety_weight * loss
+
+    surgeon = spec.build_surgeon(params, settings)
 
     log = RunLog()
     model.train()
@@ -296,15 +308,15 @@ def user_stage(
     for _ in range(steps):
         ub = next(user_batches)
         opt.zero_grad(set_to_none=True)
-        if method == "sft":
+        if not spec.needs_alignment:
             response_ce(_forward(model, ub), ub["labels"]).backward()
-        elif method == "mixed":
+        elif surgeon is None:  # the safety loss is added to the task loss (mixed)
             # g_u and lambda*g_a are formed separately only to record their conflict;
             # the update is their sum, exactly the gradient of task + lambda * KL.
             response_ce(_forward(model, ub), ub["labels"]).backward()
             g_u = [p.grad.clone() for p in params]
             opt.zero_grad(set_to_none=True)
-            (weight * kl_loss()).backward()
+            weighted_safety_loss().backward()
             t0 = time.perf_counter()
             sums = dot_norms(g_u, [p.grad for p in params]).tolist()
             for p, g in zip(params, g_u):
@@ -312,25 +324,14 @@ def user_stage(
             log.surgery_seconds += time.perf_counter() - t0
             log.stats.append(_conflict_record(*sums))
         else:
-            assert surgeon is not None
-            if method == "safegrad" or surgeon.wants_reference:
-                # SPF's safety loss is cross-entropy on the refusals: its subspace is
-                # taken from the safety gradient itself, and the KL gradient is zero
-                # at step 0 (fresh adapter), which would leave SPF an empty subspace.
+            if spec.alignment_due(surgeon):
                 with surgeon.reference():
-                    (kl_loss() if method == "safegrad" else safety_ce()).backward()
+                    weighted_safety_loss().backward()
             response_ce(_forward(model, ub), ub["labels"]).backward()
             t0 = time.perf_counter()
             stats = surgeon.step()
             log.surgery_seconds += time.perf_counter() - t0
-            # Reading the stats syncs the host; on CPU that costs nothing and the demo
-            # wants the per-step conflict record.
-            d = stats.to_dict()
-            if method == "safegrad":
-                record = _conflict_record(d["dot"], d["ref_norm_sq"], d["grad_norm_sq"])
-                log.stats.append({**record, "coef": d["coef"]})
-            else:  # SPF has a basis from step 0 on: its safety loss is not zero there
-                log.stats.append({"live": True, "conflict": d["conflict_fraction"], "cosine": None})
+            log.stats.append(_surgery_record(stats))
         opt.step()
         log.steps += 1
         if progress is not None:
@@ -338,6 +339,16 @@ def user_stage(
     log.seconds = time.perf_counter() - start
     model.eval()
     return model, log
+
+
+def _surgery_record(stats) -> dict:
+    # Reading the stats syncs the host; on CPU that costs nothing and the demo wants the
+    # per-step conflict record.
+    d = stats.to_dict()
+    if isinstance(stats, SPFStats):  # a basis from step 0 on: its safety loss is not zero
+        return {"live": True, "conflict": d["conflict_fraction"], "cosine": None}
+    record = _conflict_record(d["dot"], d["ref_norm_sq"], d["grad_norm_sq"])
+    return {**record, "coef": d["coef"]}
 
 
 def _conflict_record(dot: float, rr: float, gg: float) -> dict:

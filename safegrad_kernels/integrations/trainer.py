@@ -1,11 +1,16 @@
 """``SafeGradTrainer``: a ``transformers.Trainer`` that fine-tunes a PEFT model with a defense.
 
-Methods (``method=``):
+Methods (``method=``), entries of the registry ``safegrad_kernels.surgery.METHODS``:
 
 - ``"sft"``: plain fine-tuning, the baseline (no alignment data needed).
 - ``"safegrad"``: SafeGrad surgery (arXiv 2508.07172) against the KL alignment gradient.
 - ``"spf"``: safety-subspace projection (arXiv 2601.10141) of the task gradient.
 - ``"mixed"``: multi-objective baseline, loss = task + ``lam`` * alignment loss.
+
+The trainer reads from the entry what a method needs (its hyperparameters, alignment
+loss and weight, surgeon, and on which steps it wants the alignment pass); it compares
+no method name. Which alignment micro-batches a step uses, and where a resumed run goes
+on, is ``alignment_batches.AlignmentSchedule``.
 
 One optimizer step with ``gradient_accumulation_steps = k``, as this trainer runs it::
 
@@ -39,76 +44,37 @@ alignment loss) accumulate on the device and are read on the host only on loggin
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader
 from transformers import Trainer
 
-from ..losses import ReferenceCache, kl_alignment_loss, reference_logits, response_token_count
-from ..surgery import SPF, SafeGrad, Surgeon
+from ..losses import (
+    ReferenceCache,
+    kl_alignment_loss,
+    model_inputs,
+    reference_logits,
+    response_ce,
+)
+from ..surgery import Surgeon
 from ..surgery.base import check_backend, check_choice
-from ..surgery.safegrad import GRANULARITIES
-from ..surgery.spf import MODES as SPF_MODES
+from ..surgery.methods import ALIGNMENT_LOSSES, get_method
+from ..surgery.methods import METHODS as _REGISTRY
+from .alignment_batches import AlignmentSchedule, alignment_loader
 
 # Written into each checkpoint-* folder when the surgeon carries state between steps (SPF).
 SURGEON_STATE_FILE = "safegrad_surgeon.pt"
 
 __all__ = ["METHODS", "SafeGradTrainer"]
 
-METHODS = ("sft", "safegrad", "spf", "mixed")
-ALIGNMENT_LOSSES = ("kl", "ce")
-_NON_MODEL_KEYS = ("labels", "num_items_in_batch")
+# The registry's names, for ``--method`` choices and checks that need no Trainer.
+METHODS = tuple(_REGISTRY)
 # Stats whose log name says more than the field name (SafeGradStats.conflict is 0/1).
 _STAT_LOG_NAMES = {"conflict": "conflict_rate"}
-
-
-class _Indexed(Dataset):
-    """Yields ``(index, example)`` so that cached reference logits can be keyed by index."""
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> tuple[int, Any]:
-        return i, self.dataset[i]
-
-
-class _IndexedCollator:
-    def __init__(self, collate: Any) -> None:
-        self.collate = collate
-
-    def __call__(self, items: list[tuple[int, Any]]) -> tuple[list[int], dict[str, Any]]:
-        return [i for i, _ in items], self.collate([x for _, x in items])
-
-
-def _causal_ce(logits: Tensor, labels: Tensor, count: Tensor, ignore_index: int = -100) -> Tensor:
-    """Summed next-token cross-entropy / ``count`` (0 when ``count`` is 0)."""
-    # Shift the labels, not the logits: slicing [B, T, V] logits would copy them.
-    shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    total = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        shifted.reshape(-1),
-        ignore_index=ignore_index,
-        reduction="sum",
-    )
-    count = count.to(total.device, torch.float32)
-    return torch.where(count > 0, total / count.clamp_min(1.0), 0.0)
-
-
-def _check_nonneg(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return float(value)
 
 
 class SafeGradTrainer(Trainer):
@@ -119,16 +85,17 @@ class SafeGradTrainer(Trainer):
         alignment_dataset: examples with ``input_ids``, ``attention_mask``, ``labels``
             (-100 on the prompt), collated by the trainer's ``data_collator``. Required
             unless ``method="sft"``. Cycled, reshuffled on each pass (seed ``args.seed``).
-        method: ``"sft"``, ``"safegrad"``, ``"spf"`` or ``"mixed"``.
+        method: a name in ``METHODS``: ``"sft"``, ``"safegrad"``, ``"spf"`` or ``"mixed"``.
         rho: SafeGrad's weight of the alignment gradient added back (>= 0; paper: 1).
         lam: the mixed baseline's alignment-loss weight (>= 0).
         spf_rank, spf_refresh_every, spf_mode: SPF's subspace rank, basis refresh period
             in optimizer steps (``None``: computed once), ``"conflicting"``/``"always"``.
             The alignment pass runs only on steps whose basis is (re)computed.
         alignment_loss: ``"kl"`` = KL(P_ref || P_theta) against the adapter-free model, or
-            ``"ce"`` = cross-entropy on the alignment answers. Default: ``"kl"``, except
-            ``"ce"`` for SPF, whose once-computed basis would otherwise come from the
-            all-zero KL gradient of a fresh LoRA (model == reference at step 0).
+            ``"ce"`` = cross-entropy on the alignment answers. Default: the method's
+            (``Method.alignment_loss``): ``"kl"``, except ``"ce"`` for SPF, whose
+            once-computed basis would otherwise come from the all-zero KL gradient of a
+            fresh LoRA (model == reference at step 0).
         kl_positions: ``"response"`` or ``"all"`` (the authors' choice); see
             ``kl_alignment_loss``.
         alignment_batch_size: alignment examples per micro-batch; default
@@ -169,52 +136,39 @@ class SafeGradTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         # Cheap argument checks first: a bad configuration fails before any set-up.
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method_spec = get_method(method)
         self.method = method
-        self.rho = _check_nonneg("rho", rho)
-        self.lam = _check_nonneg("lam", lam)
-        if alignment_loss is None:
-            alignment_loss = "ce" if method == "spf" else "kl"
-        if alignment_loss not in ALIGNMENT_LOSSES:
+        # The method's own hyperparameters; the others are checked too, then unused.
+        self.method_settings = self.method_spec.validate(
+            rho=rho,
+            lam=lam,
+            spf_rank=spf_rank,
+            spf_refresh_every=spf_refresh_every,
+            spf_mode=spf_mode,
+            surgery_granularity=surgery_granularity,
+        )
+        if alignment_loss is not None:
+            check_choice("alignment_loss", alignment_loss, ALIGNMENT_LOSSES)
+        self.alignment_loss = alignment_loss or self.method_spec.alignment_loss
+        self.kl_positions = check_choice("kl_positions", kl_positions, ("response", "all"))
+        self._uses_alignment = self.method_spec.needs_alignment
+        if self._uses_alignment and alignment_dataset is None:
             raise ValueError(
-                f"alignment_loss must be one of {ALIGNMENT_LOSSES}, got {alignment_loss!r}"
+                f"method={method!r} needs an alignment_dataset (only "
+                f"{', '.join(m for m, e in _REGISTRY.items() if not e.needs_alignment)} runs without)"
             )
-        self.alignment_loss = alignment_loss
-        if kl_positions not in ("response", "all"):
-            raise ValueError(f"kl_positions must be 'response' or 'all', got {kl_positions!r}")
-        self.kl_positions = kl_positions
-        if method != "sft" and alignment_dataset is None:
-            raise ValueError(
-                f"method={method!r} needs an alignment_dataset (only 'sft' runs without)"
-            )
-        if method != "sft" and len(alignment_dataset) == 0:
+        if self._uses_alignment and len(alignment_dataset) == 0:
             raise ValueError("alignment_dataset is empty")
         if alignment_batch_size is not None and alignment_batch_size < 1:
             raise ValueError(f"alignment_batch_size must be >= 1, got {alignment_batch_size}")
-        if not isinstance(spf_rank, int) or spf_rank < 1:
-            raise ValueError(f"spf_rank must be an int >= 1, got {spf_rank!r}")
-        if spf_refresh_every is not None and (
-            not isinstance(spf_refresh_every, int) or spf_refresh_every < 1
-        ):
-            raise ValueError(
-                f"spf_refresh_every must be None or an int >= 1, got {spf_refresh_every!r}"
-            )
-        self.spf_rank = spf_rank
-        self.spf_refresh_every = spf_refresh_every
-        self.spf_mode = check_choice("spf_mode", spf_mode, SPF_MODES)
         self.surgery_backend = check_backend(surgery_backend)
-        self.surgery_granularity = check_choice(
-            "surgery_granularity", surgery_granularity, GRANULARITIES
-        )
         self.alignment_dataset = alignment_dataset
 
         super().__init__(*args, **kwargs)
 
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model has no trainable parameter (empty parameter list)")
-        self._uses_alignment = method != "sft"
-        self._needs_reference = self._uses_alignment and alignment_loss == "kl"
+        self._needs_reference = self._uses_alignment and self.alignment_loss == "kl"
         if self._needs_reference and not hasattr(self.model, "disable_adapter"):
             raise TypeError(
                 "the KL alignment loss takes its reference from the same model with adapters "
@@ -230,12 +184,10 @@ class SafeGradTrainer(Trainer):
 
         self._surgeon: Surgeon | None = None
         self._pending_surgeon_state: dict[str, Any] | None = None
-        self._alignment_iter: Iterator[tuple[list[int], dict[str, Any]]] | None = None
-        self._alignment_epoch = 0
-        self._alignment_positioned = False
-        # Per optimizer step: the alignment micro-batches still to run and their token count.
-        self._alignment_plan: list[tuple[list[int], dict[str, Any]]] | None = None
-        self._alignment_items: Tensor | None = None
+        self.alignment_schedule = AlignmentSchedule(
+            lambda epoch: self.get_alignment_dataloader(epoch),
+            consumed_before=self._alignment_batches_consumed,
+        )
         # Logging window, on the device: sums and counts since the last log.
         self._stat_names: tuple[str, ...] = ()
         self._stat_sum: Tensor | None = None
@@ -252,24 +204,13 @@ class SafeGradTrainer(Trainer):
     @property
     def surgeon(self) -> Surgeon | None:
         """The surgeon (built on first use, after the Trainer has placed the model)."""
-        if self._surgeon is None and self.method in ("safegrad", "spf"):
-            params = self._trainable_params()
-            if self.method == "safegrad":
-                self._surgeon = SafeGrad(
-                    params,
-                    rho=self.rho,
-                    granularity=self.surgery_granularity,
-                    backend=self.surgery_backend,
-                )
-            else:
-                self._surgeon = SPF(
-                    params,
-                    rank=self.spf_rank,
-                    refresh_every=self.spf_refresh_every,
-                    mode=self.spf_mode,
-                    seed=self.args.seed,
-                    backend=self.surgery_backend,
-                )
+        if self._surgeon is None and self.method_spec.surgeon is not None:
+            self._surgeon = self.method_spec.build_surgeon(
+                self._trainable_params(),
+                self.method_settings,
+                seed=self.args.seed,
+                backend=self.surgery_backend,
+            )
             if self._pending_surgeon_state is not None:
                 self._surgeon.load_state_dict(self._pending_surgeon_state)
                 self._pending_surgeon_state = None
@@ -298,8 +239,12 @@ class SafeGradTrainer(Trainer):
         else:  # applied when the surgeon is built, after the model has been placed
             self._pending_surgeon_state = state
 
-    def get_alignment_dataloader(self) -> DataLoader:
-        """Loader over ``(indices, batch)``; reshuffled per pass with ``args.seed``."""
+    def get_alignment_dataloader(self, epoch: int | None = None) -> DataLoader:
+        """Loader over ``(indices, batch)`` for alignment pass ``epoch`` (default: the current).
+
+        Shuffled per pass with ``args.seed``; columns the model does not take are removed
+        as the Trainer does for its own datasets.
+        """
         dataset = self.alignment_dataset
         collate = self.data_collator
         try:
@@ -312,75 +257,27 @@ class SafeGradTrainer(Trainer):
             dataset = self._remove_unused_columns(dataset, description="alignment")
         else:
             collate = self._get_collator_with_removed_columns(collate, description="alignment")
-        indexed = _Indexed(dataset)
-        if self.args.world_size > 1:
-            sampler = DistributedSampler(
-                indexed,
-                num_replicas=self.args.world_size,
-                rank=self.args.process_index,
-                shuffle=True,
-                seed=self.args.seed,
-            )
-            sampler.set_epoch(self._alignment_epoch)
-        else:
-            gen = torch.Generator().manual_seed(self.args.seed + self._alignment_epoch)
-            sampler = RandomSampler(indexed, generator=gen)
-        return DataLoader(
-            indexed,
+        return alignment_loader(
+            dataset,
+            collate,
             batch_size=self.alignment_batch_size,
-            sampler=sampler,
-            collate_fn=_IndexedCollator(collate),
-            num_workers=0,
-            # Without its own generator a new iterator draws its base seed from the global
-            # RNG, after a checkpoint saved that RNG: a resumed run's dropout would shift.
-            generator=torch.Generator().manual_seed(self.args.seed + self._alignment_epoch),
+            seed=self.args.seed,
+            epoch=self.alignment_schedule.epoch if epoch is None else epoch,
+            world_size=self.args.world_size,
+            rank=self.args.process_index,
         )
 
     def _alignment_batches_consumed(self) -> int:
         """Alignment micro-batches drawn before ``state.global_step`` (for exact resume).
 
-        safegrad and mixed draw one per micro-batch on every step. SPF draws only on its
-        refresh steps, 0, k, 2k, ... for ``refresh_every = k`` (or step 0 alone), since
-        the trainer supplies a reference whenever SPF wants one; its basis and step
-        counters come back from the checkpoint (``SURGEON_STATE_FILE``).
+        The method's entry says on how many of those steps it ran the alignment pass (SPF:
+        its refresh steps only; its basis and step counters come back from the checkpoint,
+        ``SURGEON_STATE_FILE``); each such step drew one batch per micro-batch.
         """
-        steps = self.state.global_step
-        if self.method == "spf":
-            k = self.spf_refresh_every
-            steps = min(steps, 1) if k is None else -(-steps // k)
-        return steps * self.args.gradient_accumulation_steps
-
-    def _next_alignment_batch(self) -> tuple[list[int], dict[str, Any]]:
-        skip = 0
-        if not self._alignment_positioned:
-            # First draw of this process: continue where a resumed run left off.
-            self._alignment_positioned = True
-            per_epoch = len(self.get_alignment_dataloader())
-            self._alignment_epoch, skip = divmod(self._alignment_batches_consumed(), per_epoch)
-        while True:
-            if self._alignment_iter is None:
-                self._alignment_iter = iter(self.get_alignment_dataloader())
-                for _ in range(skip):
-                    next(self._alignment_iter)
-                skip = 0
-            try:
-                return next(self._alignment_iter)
-            except StopIteration:
-                self._alignment_iter = None
-                self._alignment_epoch += 1
-
-    def _plan_alignment(self, num_micro_batches: int) -> None:
-        """Draw this optimizer step's alignment micro-batches and their token count."""
-        plan: list[tuple[list[int], dict[str, Any]]] = []
-        wanted = self._uses_alignment and (
-            self.method != "spf" or self.surgeon.wants_reference  # type: ignore[union-attr]
+        steps = self.method_spec.alignment_steps_before(
+            self.state.global_step, self.method_settings
         )
-        if wanted:
-            plan = [self._next_alignment_batch() for _ in range(num_micro_batches)]
-            # Counted on the host-side collated labels: no device sync.
-            count = sum(response_token_count(batch["labels"]) for _, batch in plan)
-            self._alignment_items = torch.as_tensor(count).to(self.args.device)
-        self._alignment_plan = plan
+        return steps * self.args.gradient_accumulation_steps
 
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
         # Called once per optimizer step with all of its micro-batches: the one place that
@@ -389,7 +286,8 @@ class SafeGradTrainer(Trainer):
             epoch_iterator, num_batches, device
         )
         if self._uses_alignment:
-            self._plan_alignment(len(batch_samples))
+            due = self.method_spec.alignment_due(self.surgeon)
+            self.alignment_schedule.plan(len(batch_samples) if due else 0, self.args.device)
         return batch_samples, num_items_in_batch
 
     # -- the step ----------------------------------------------------------------------------
@@ -404,7 +302,7 @@ class SafeGradTrainer(Trainer):
         self, model: nn.Module, batch: dict[str, Any], indices: list[int], count: Tensor
     ) -> Tensor:
         """The alignment loss of one micro-batch, normalised by ``count`` response tokens."""
-        inputs = {k: v for k, v in batch.items() if k not in _NON_MODEL_KEYS}
+        inputs = model_inputs(batch)
         labels = batch["labels"]
         with self.compute_loss_context_manager():
             if self.alignment_loss == "kl":
@@ -413,7 +311,7 @@ class SafeGradTrainer(Trainer):
                 return kl_alignment_loss(
                     logits, ref, labels, positions=self.kl_positions, num_items_in_batch=count
                 )
-            return _causal_ce(model(**inputs).logits, labels, count)
+            return response_ce(model(**inputs).logits, labels, num_items_in_batch=count)
 
     def training_step(
         self,
@@ -423,19 +321,21 @@ class SafeGradTrainer(Trainer):
     ) -> Tensor:
         surgeon = self.surgeon
         if self._uses_alignment:
-            if self._alignment_plan is None:
+            schedule = self.alignment_schedule
+            if not schedule.planned:
                 raise RuntimeError(
                     "SafeGradTrainer plans alignment batches in Trainer.get_batch_samples, "
                     "which this transformers version did not call before training_step"
                 )
-            if self._alignment_plan:
-                indices, batch = self._alignment_plan.pop(0)
+            planned = schedule.pop()
+            if planned is not None:
+                indices, batch = planned
                 model.train()
                 batch = self._prepare_inputs(batch)
                 capture = surgeon.reference() if surgeon is not None else contextlib.nullcontext()
                 with capture:
-                    loss = self.alignment_loss_on(model, batch, indices, self._alignment_items)
-                    weight = self.lam if self.method == "mixed" else 1.0
+                    loss = self.alignment_loss_on(model, batch, indices, schedule.num_items)
+                    weight = self.method_spec.loss_weight(self.method_settings)
                     self.accelerator.backward(loss * weight if weight != 1.0 else loss)
                 self._add_align_loss(loss.detach())
 
@@ -447,7 +347,7 @@ class SafeGradTrainer(Trainer):
         if self.accelerator.sync_gradients:
             if surgeon is not None:
                 self._add_stats(surgeon.step())
-            self._alignment_plan = None
+            self.alignment_schedule.end_step()
         return task_loss
 
     # -- logging -------------------------------------------------------------------------------

@@ -189,14 +189,20 @@ def check_no_overlap(
     )
 
 
-def check_scalar(name: str, value: object, *, min_value: float | None = None) -> float:
+def check_scalar(name: str, value: object, *, min_value: float = 0.0) -> float:
+    """``value`` as a float: a finite Python number, ``>= 0`` unless ``min_value`` says otherwise.
+
+    The one rule for the scalar weights of every layer (the ops' ``rho`` and ``eps``, the
+    surgeons', the method registry's ``rho`` and ``lam``): a tensor is refused, since
+    reading it would synchronise the host.
+    """
     if isinstance(value, Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    if min_value is not None and value < min_value:
-        raise ValueError(f"{name} must be >= {min_value}, got {value}")
+    if value < min_value:
+        raise ValueError(f"{name} must be >= {min_value:g}, got {value}")
     return value
 
 

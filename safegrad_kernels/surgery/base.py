@@ -16,7 +16,6 @@ dropping them (the next step starts from ``None``: no ``zero_()`` traffic).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -71,12 +70,14 @@ def _check_params(params: object, name: str = "params") -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def check_nonneg(name: str, value: object) -> float:
-    if isinstance(value, (bool, Tensor)) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+def check_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 

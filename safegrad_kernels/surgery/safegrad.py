@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from ..ops import dot_norms, project_conflicting_
-from ..ops.validate import SUPPORTED_DTYPES
-from .base import Surgeon, check_backend, check_choice, check_nonneg
+from ..ops.validate import SUPPORTED_DTYPES, check_scalar
+from .base import Surgeon, check_backend, check_choice
 from .stats import SafeGradStats, safe_div
 
 __all__ = ["SafeGrad"]
@@ -82,8 +82,8 @@ class SafeGrad(Surgeon):
         granularity: str = "global",
         backend: str | None = None,
     ) -> None:
-        self.rho = check_nonneg("rho", rho)
-        self.eps = check_nonneg("eps", eps)
+        self.rho = check_scalar("rho", rho)
+        self.eps = check_scalar("eps", eps)
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.backend = check_backend(backend)
         super().__init__(params, num_slots=1)

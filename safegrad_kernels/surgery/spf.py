@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from ..distributed import gather_whole, write_local_piece
-from .base import Surgeon, check_backend, check_choice
+from .base import Surgeon, check_backend, check_choice, check_int
 from .stats import SPFStats
 
 __all__ = ["SPF"]
@@ -55,17 +55,6 @@ SVD_METHODS = ("auto", "exact", "randomized")
 # (r <= 64) always qualify; full 4096 x 4096 weights go randomized, whose cost is
 # O(out * in * (k + oversample)) per power iteration instead of O(out * in * min(out, in)).
 EXACT_SVD_MAX_DIM = 256
-
-
-def _check_int(name: str, value: object, *, minimum: int, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        kind = "an int or None" if allow_none else "an int"
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 @dataclass
@@ -178,13 +167,13 @@ class SPF(Surgeon):
         seed: int = 0,
         backend: str | None = None,
     ) -> None:
-        self.rank = _check_int("rank", rank, minimum=1)
-        self.refresh_every = _check_int("refresh_every", refresh_every, minimum=1, allow_none=True)
+        self.rank = check_int("rank", rank, minimum=1)
+        self.refresh_every = check_int("refresh_every", refresh_every, minimum=1, allow_none=True)
         self.mode = check_choice("mode", mode, MODES)
-        self.oversample = _check_int("oversample", oversample, minimum=0)
-        self.power_iters = _check_int("power_iters", power_iters, minimum=0)
+        self.oversample = check_int("oversample", oversample, minimum=0)
+        self.power_iters = check_int("power_iters", power_iters, minimum=0)
         self.svd = check_choice("svd", svd, SVD_METHODS)
-        self.seed = _check_int("seed", seed, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0)
         self.backend = check_backend(backend)
         super().__init__(params, num_slots=1)
 
