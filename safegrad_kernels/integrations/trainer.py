@@ -55,6 +55,7 @@ from ..surgery import SPF, SafeGrad, Surgeon
 from ..surgery.base import check_backend, check_choice
 from ..surgery.safegrad import GRANULARITIES
 from ..surgery.spf import MODES as SPF_MODES
+from .deepspeed import zero_surgery_for
 
 # Written into each checkpoint-* folder when the surgeon carries state between steps (SPF).
 SURGEON_STATE_FILE = "safegrad_surgeon.pt"
@@ -147,7 +148,9 @@ class SafeGradTrainer(Trainer):
     Supported: gradient accumulation, bf16/fp16 autocast (both losses go through the same
     ``accelerator.backward``, so a loss scale multiplies g_u and g_a alike and the update
     is scale-free), gradient checkpointing, clipping (after the surgery, see the module
-    docstring), DDP with ``gradient_as_bucket_view=False``. Not supported: DeepSpeed.
+    docstring), DDP with ``gradient_as_bucket_view=False``, DeepSpeed ZeRO-1/2 in fp32 for
+    ``safegrad`` (global) and ``mixed``; other DeepSpeed settings raise ``ValueError`` at
+    construction (see ``integrations/deepspeed.py``).
     """
 
     def __init__(
@@ -242,6 +245,9 @@ class SafeGradTrainer(Trainer):
         self._stat_steps = 0
         self._align_sum: Tensor | None = None
         self._align_steps = 0
+        # DeepSpeed: ZeRO-1/2 surgery on DeepSpeed's partitions, or a ValueError right here
+        # for what cannot run exactly (integrations/deepspeed.py).
+        self._zero = zero_surgery_for(self, method, self.surgery_granularity)
 
     # -- surgeon and alignment data --------------------------------------------------------
 
@@ -432,6 +438,15 @@ class SafeGradTrainer(Trainer):
                 indices, batch = self._alignment_plan.pop(0)
                 model.train()
                 batch = self._prepare_inputs(batch)
+                if self._zero is not None:  # -- DeepSpeed ZeRO-1/2 (integrations/deepspeed.py)
+                    self._zero.install(
+                        self.model_wrapped, self._trainable_params(), surgeon, self.lam
+                    )
+                    unwrapped = self.accelerator.unwrap_model(model)
+                    loss = self.alignment_loss_on(unwrapped, batch, indices, self._alignment_items)
+                    self._zero.capture(loss)
+                    self._add_align_loss(loss.detach())
+                    return self._zero_task_step(model, inputs, num_items_in_batch)
                 capture = surgeon.reference() if surgeon is not None else contextlib.nullcontext()
                 with capture:
                     loss = self.alignment_loss_on(model, batch, indices, self._alignment_items)
@@ -447,6 +462,17 @@ class SafeGradTrainer(Trainer):
         if self.accelerator.sync_gradients:
             if surgeon is not None:
                 self._add_stats(surgeon.step())
+            self._alignment_plan = None
+        return task_loss
+
+    def _zero_task_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any) -> Tensor:
+        # DeepSpeed steps inside the task backward of the last micro-batch; the surgery
+        # ran there, on DeepSpeed's partitions (ZeroSurgery wraps its optimizer step).
+        task_loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            stats = self._zero.finish_step()  # type: ignore[union-attr]
+            if stats is not None:
+                self._add_stats(stats)
             self._alignment_plan = None
         return task_loss
 
