@@ -434,6 +434,40 @@ def ddp_bucket_view_is_rejected():
     assert overwritten and changed, (overwritten, changed)
 
 
+@check
+def missing_gradients_raise():
+    """Never silently off under DDP and FSDP2: a step with no g_a (or no g_u) at all raises."""
+    from torch.distributed.fsdp import fully_shard
+
+    from safegrad_kernels.surgery import SPF, SafeGrad
+
+    (x_a, y_a), (x_u, y_u) = _local_half(_batches(seed=16, n=6))
+    loss = nn.functional.mse_loss
+    for engine in ("ddp", "fsdp2"):
+        model = _tiny_model(seed=17)
+        model = _ddp(model) if engine == "ddp" else fully_shard(model)
+        for make in (lambda ps: SafeGrad(ps), lambda ps: SPF(ps, rank=2)):
+            surgeon = make(model.parameters())
+            for missing in ("reference", "task"):
+                model.zero_grad(set_to_none=True)
+                if missing == "task":
+                    with surgeon.reference():
+                        loss(model(x_a), y_a).backward()
+                    kind = "no task"
+                else:
+                    loss(model(x_u), y_u).backward()
+                    kind = "no captured reference"
+                try:
+                    surgeon.step()
+                except RuntimeError as e:
+                    assert kind in str(e), str(e)
+                else:
+                    name = type(surgeon).__name__
+                    if not (name == "SPF" and missing == "task"):  # SPF: a basis-only step
+                        raise AssertionError(f"{engine} {name}: step without {missing} passed")
+                surgeon.reset()
+
+
 def main() -> None:
     rank, world, init_method, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     torch.set_num_threads(1)

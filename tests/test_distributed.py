@@ -96,6 +96,7 @@ CHECKS = [
     "ddp_safegrad_step",
     "ddp_accumulation_with_no_sync",
     "ddp_bucket_view_is_rejected",
+    "missing_gradients_raise",
 ]
 
 

@@ -180,10 +180,35 @@ def test_step_consumes_the_reference():
     surgeon.step()
     assert not surgeon.has_reference
     before = [p.grad.clone() for p in model.parameters()]
-    stats = surgeon.step()  # no reference: nothing to do
+    with pytest.raises(RuntimeError, match="no captured reference gradient"):
+        surgeon.step()  # no reference: never silently a no-op ...
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+    stats = surgeon.step(allow_missing=True)  # ... unless asked: nothing to do
     assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
     assert float(stats.ref_norm_sq) == 0 and not bool(stats.conflict)
     assert float(stats.grad_norm_sq) == pytest.approx(float(flat(before) @ flat(before)), rel=1e-5)
+
+
+@pytest.mark.parametrize("granularity", ["global", "per_tensor"])
+@pytest.mark.parametrize("missing", ["task", "reference", "both"])
+def test_step_without_any_gradient_of_a_kind_raises(granularity, missing):
+    """What an engine that moves p.grad away (DeepSpeed ZeRO) looks like to a surgeon."""
+    model = MLP()
+    surgeon = SafeGrad(model.parameters(), granularity=granularity)
+    x, y = torch.randn(5, 5), torch.randint(0, 3, (5,))
+    if missing not in ("reference", "both"):
+        with surgeon.reference():
+            model.align_loss(x).backward()
+    if missing not in ("task", "both"):
+        model.task_loss(x, y).backward()
+    before = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    word = {"task": "no task", "reference": "no captured reference", "both": "no task"}[missing]
+    with pytest.raises(RuntimeError, match=word):
+        surgeon.step()
+    after = [p.grad for p in model.parameters()]
+    assert all((a is None) == (b is None) for a, b in zip(after, before))
+    assert all(a is None or torch.equal(a, b) for a, b in zip(after, before))
+    assert surgeon.has_reference == (missing == "task")  # a failed step keeps g_a
 
 
 @pytest.mark.parametrize("granularity", ["global", "per_tensor"])

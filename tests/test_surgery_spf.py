@@ -279,3 +279,25 @@ def test_state_dict_resumes_exactly():
         SPF([torch.randn(8, 8, requires_grad=True)], rank=3).load_state_dict(state)
     with pytest.raises(ValueError, match="not an SPF state"):
         SPF(params, **kw).load_state_dict({"step": 1})
+
+
+def test_step_without_any_gradient_of_a_kind_raises():
+    """Never silently off: no task gradient at all, or no basis and no safety gradient."""
+    params, safety, task = make_problem(shapes=[(7, 5)])
+    spf = SPF(params, rank=2, refresh_every=2)
+    set_grad_by_backward(params, task)
+    assert spf.wants_reference
+    with pytest.raises(RuntimeError, match="no captured reference"):
+        spf.step()  # no basis yet and nothing captured
+    assert all(torch.equal(p.grad, t) for p, t in zip(params, task))  # nothing touched
+    with spf.reference():
+        set_grad_by_backward(params, safety)
+    spf.step()
+    assert not spf.wants_reference
+    spf.step()  # between refreshes no reference is needed
+    for p in params:
+        p.grad = None
+    with pytest.raises(RuntimeError, match="no task"):
+        spf.step()  # nothing at all: the engine lost every gradient
+    spf.step(allow_missing=True)  # accepted when asked: gradients stay None
+    assert all(p.grad is None for p in params)

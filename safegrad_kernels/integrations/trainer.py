@@ -65,6 +65,7 @@ from ..surgery.base import check_backend, check_choice
 from ..surgery.methods import ALIGNMENT_LOSSES, get_method
 from ..surgery.methods import METHODS as _REGISTRY
 from .alignment_batches import AlignmentSchedule, alignment_loader
+from .deepspeed import zero_surgery_for
 
 # Written into each checkpoint-* folder when the surgeon carries state between steps (SPF).
 SURGEON_STATE_FILE = "safegrad_surgeon.pt"
@@ -114,7 +115,9 @@ class SafeGradTrainer(Trainer):
     Supported: gradient accumulation, bf16/fp16 autocast (both losses go through the same
     ``accelerator.backward``, so a loss scale multiplies g_u and g_a alike and the update
     is scale-free), gradient checkpointing, clipping (after the surgery, see the module
-    docstring), DDP with ``gradient_as_bucket_view=False``. Not supported: DeepSpeed.
+    docstring), DDP with ``gradient_as_bucket_view=False``, DeepSpeed ZeRO-1/2 in fp32 for
+    ``safegrad`` (global) and ``mixed``; other DeepSpeed settings raise ``ValueError`` at
+    construction (see ``integrations/deepspeed.py``).
     """
 
     def __init__(
@@ -194,6 +197,11 @@ class SafeGradTrainer(Trainer):
         self._stat_steps = 0
         self._align_sum: Tensor | None = None
         self._align_steps = 0
+        # DeepSpeed: ZeRO-1/2 surgery on DeepSpeed's partitions, or a ValueError right here
+        # for what cannot run exactly (integrations/deepspeed.py).
+        self._zero = zero_surgery_for(
+            self, method, self.method_settings.get("surgery_granularity", "global")
+        )
 
     # -- surgeon and alignment data --------------------------------------------------------
 
@@ -332,6 +340,16 @@ class SafeGradTrainer(Trainer):
                 indices, batch = planned
                 model.train()
                 batch = self._prepare_inputs(batch)
+                if self._zero is not None:  # -- DeepSpeed ZeRO-1/2 (integrations/deepspeed.py)
+                    weight = self.method_spec.loss_weight(self.method_settings)
+                    self._zero.install(
+                        self.model_wrapped, self._trainable_params(), surgeon, weight
+                    )
+                    unwrapped = self.accelerator.unwrap_model(model)
+                    loss = self.alignment_loss_on(unwrapped, batch, indices, schedule.num_items)
+                    self._zero.capture(loss)
+                    self._add_align_loss(loss.detach())
+                    return self._zero_task_step(model, inputs, num_items_in_batch)
                 capture = surgeon.reference() if surgeon is not None else contextlib.nullcontext()
                 with capture:
                     loss = self.alignment_loss_on(model, batch, indices, schedule.num_items)
@@ -347,6 +365,17 @@ class SafeGradTrainer(Trainer):
         if self.accelerator.sync_gradients:
             if surgeon is not None:
                 self._add_stats(surgeon.step())
+            self.alignment_schedule.end_step()
+        return task_loss
+
+    def _zero_task_step(self, model: nn.Module, inputs: Any, num_items_in_batch: Any) -> Tensor:
+        # DeepSpeed steps inside the task backward of the last micro-batch; the surgery
+        # ran there, on DeepSpeed's partitions (ZeroSurgery wraps its optimizer step).
+        task_loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients:
+            stats = self._zero.finish_step()  # type: ignore[union-attr]
+            if stats is not None:
+                self._add_stats(stats)
             self.alignment_schedule.end_step()
         return task_loss
 

@@ -155,6 +155,28 @@ class Surgeon:
     def _peek(self, slot: int) -> list[Tensor | None]:
         return self._slots[slot]
 
+    def _check_found(self, task: bool, reference: bool, allow_missing: bool) -> None:
+        """Never silently off: raise if a step finds no task or no captured gradient at all.
+
+        ``None`` checks are host-side metadata, no device sync. Partly missing gradients
+        are fine (each surgeon documents how it treats them); *none* on every parameter
+        means the surgery would do nothing while the run looks healthy.
+        """
+        if allow_missing or (task and reference):
+            return
+        kind = " or ".join(
+            k
+            for k, found in (("task (p.grad)", task), ("captured reference", reference))
+            if not found
+        )
+        raise RuntimeError(
+            f"{type(self).__name__}.step() found no {kind} gradient on any of its "
+            f"{len(self.params)} parameters, so the surgery would silently do nothing. Likely "
+            "cause: an engine moved the gradients out of p.grad (DeepSpeed ZeRO; use "
+            "SafeGradTrainer, which supports ZeRO-1/2), a backward that did not reach these "
+            "parameters, or a missing reference() pass. Pass allow_missing=True to accept it."
+        )
+
     def _check_idle(self, what: str) -> None:
         if self._active is not None:
             raise RuntimeError(f"{type(self).__name__}.{what} called inside a capture context")

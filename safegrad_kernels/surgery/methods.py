@@ -161,6 +161,11 @@ class Method:
     loss_weight_from: str | None = None
     surgeon: SurgeonFactory | None = field(default=None, repr=False)
     alignment_steps: Callable[[int, Settings], int] | None = field(default=None, repr=False)
+    # How the update acts on a flat slice of the gradient (DeepSpeed ZeRO's per-rank
+    # partitions, which cut tensors apart): "project" (one global projection over the
+    # slices as shards), "add" (g += weight * g_a, elementwise), or None (the method needs
+    # whole tensors, e.g. SPF's per-matrix subspaces).
+    partition_update: str | None = None
 
     def __post_init__(self) -> None:
         if self.alignment_loss is not None:
@@ -250,6 +255,7 @@ METHODS: dict[str, Method] = {
             (RHO, SURGERY_GRANULARITY),
             alignment_loss="kl",
             surgeon=_safegrad,
+            partition_update="project",
         ),
         Method(
             "spf",
@@ -268,6 +274,7 @@ METHODS: dict[str, Method] = {
             (LAM,),
             alignment_loss="kl",
             loss_weight_from="lam",
+            partition_update="add",
         ),
     )
 }

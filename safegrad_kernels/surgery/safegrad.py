@@ -98,12 +98,15 @@ class SafeGrad(Surgeon):
         """Whether an alignment gradient was captured since the last step (host-side)."""
         return self.has_captured(0)
 
-    def step(self) -> SafeGradStats:
+    def step(self, *, allow_missing: bool = False) -> SafeGradStats:
         """Apply the update to every ``p.grad`` in place and consume the captured ``g_a``.
 
-        Without a captured ``g_a`` (or where it is zero) the task gradients stay as they
-        are. Validation happens before anything is written; on error nothing changes
-        and the captured ``g_a`` is kept.
+        Where ``g_a`` is zero, or missing for some tensors, the task gradients stay as
+        they are. A step that finds no task gradient or no captured ``g_a`` on *any*
+        parameter raises ``RuntimeError`` (the defense must never switch off silently,
+        e.g. when an engine moved the gradients out of ``p.grad``), unless
+        ``allow_missing=True``, which keeps them as they are. Validation happens before
+        anything is written; on error nothing changes and the captured ``g_a`` is kept.
         """
         self._check_idle("step()")
         per_tensor = self.granularity == "per_tensor"
@@ -122,6 +125,11 @@ class SafeGrad(Surgeon):
             grads.append(g)
             refs.append(r)
             paired.append(i)
+        self._check_found(
+            task=bool(unpaired) or len(allocated) < len(grads),
+            reference=bool(refs),
+            allow_missing=allow_missing,
+        )
 
         if grads:
             out = project_conflicting_(

@@ -224,9 +224,22 @@ class SPF(Surgeon):
         """Context in which backward passes accumulate into the safety gradient ``S``."""
         return self._capture(0)
 
-    def step(self) -> SPFStats:
-        """Refresh the basis if due and a reference was captured, then project ``p.grad`` in place."""
+    def step(self, *, allow_missing: bool = False) -> SPFStats:
+        """Refresh the basis if due and a reference was captured, then project ``p.grad`` in place.
+
+        Raises ``RuntimeError`` (before anything is touched) when no parameter has a task
+        gradient and nothing was captured, or when there is no basis yet and no safety gradient was captured at
+        all: the projection would silently do nothing. (A later refresh without a
+        reference keeps using the current basis, as documented above.)
+        ``allow_missing=True`` accepts such a step (gradients are then left as they are).
+        """
         self._check_idle("step()")
+        self._check_found(
+            # A reference-only step still refreshes the basis: not a silent no-op.
+            task=self.has_captured(0) or any(p.grad is not None for p in self.params),
+            reference=self._last_refresh is not None or self.has_captured(0),
+            allow_missing=allow_missing,
+        )
         # Whole matrices (gathered where sharded); 1-D parameters are not touched.
         refs: list[Tensor | None] = [None] * len(self.params)
         grads: list[Tensor | None] = [None] * len(self.params)
