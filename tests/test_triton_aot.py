@@ -100,3 +100,41 @@ def test_launches_per_op_do_not_depend_on_tensor_count(monkeypatch):
             "_combine_kernel",
         ]
     )
+
+
+@pytest.fixture(scope="module")
+def amd_rows():
+    ok, why = aot.amd_support()
+    if not ok:
+        pytest.skip(f"this triton cannot compile for AMD here: {why}")
+    return aot.aot_report(archs=aot.AMD_ARCHS, dtypes=DTYPES, aligned=(True,))
+
+
+def test_amd_targets_compile_without_spills(amd_rows):
+    got = {(r["kernel"], r["arch"], r["dtype"]) for r in amd_rows}
+    for arch in aot.AMD_ARCHS:
+        for kernel in aot.STREAMING:
+            for dtype in DTYPES:
+                assert (kernel, arch, dtype) in got
+    for r in amd_rows:
+        assert r["spill_bytes"] == 0, r
+        assert 0 < r["registers"] <= 256, r
+
+
+def test_amd_fp32_bodies_use_128_bit_buffer_loads(amd_rows):
+    for r in amd_rows:
+        if r["kernel"] in aot.STREAMING and r["dtype"] == "fp32":
+            assert r["loads"].get("buffer_dwordx4", 0) > 0, r
+            assert r["max_load_bits"] == 128, r
+
+
+def test_amd_access_width_parsing():
+    asm = "buffer_load_dwordx4 v[0:3]\nglobal_load_dwordx2 v[4:5]\nglobal_store_short_d16_hi v1"
+    acc = aot.amdgcn_accesses(asm)
+    assert acc == {
+        "loads": {"buffer_dwordx4": 1, "global_dwordx2": 1},
+        "stores": {"global_short_d16_hi": 1},
+    }
+    assert aot._amd_widest(acc["loads"]) == 128
+    assert aot._amd_widest(acc["stores"]) == 16
+    assert aot._amd_widest({"global_dwordx2": 3, "global_dword": 1}) == 32

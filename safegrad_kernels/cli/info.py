@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--aot",
         action="store_true",
-        help="also compile the Triton kernels for NVIDIA targets and report registers, "
+        help="also compile the Triton kernels for NVIDIA (sm_80, sm_90) and AMD (gfx942, gfx90a) targets and report registers, "
         "spills and load widths (takes a while)",
     )
 
@@ -45,7 +45,7 @@ def _print_info(info: dict[str, Any]) -> None:
         print("cpp build: " + ", ".join(f"{k}={v}" for k, v in info["cpp_build"].items()))
     if "triton_aot" in info:
         report = info["triton_aot"]
-        print("triton AOT report (compiled here for NVIDIA targets; no GPU needed):")
+        print("triton AOT report (compiled here for NVIDIA and AMD targets; no GPU needed):")
         if isinstance(report, list):
             from ..ops.triton_aot import format_report
 

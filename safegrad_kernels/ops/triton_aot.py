@@ -2,8 +2,17 @@
 
 Needs triton but no GPU: ``triton.compile`` with a ``GPUTarget`` produces PTX and a cubin
 for sm_80 / sm_90 on any Linux machine, and the ``cuobjdump`` shipped in the triton wheel
-reads the cubin's resource usage. ``aot_report()`` feeds ``safegrad info --aot``, the
-benchmarks and ``tests/test_triton_aot.py``.
+reads the cubin's resource usage. The same works for AMD (``GPUTarget("hip", "gfx942",
+64)``: AMDGCN assembly and an HSACO, whose metadata carry VGPR/SGPR counts and spills),
+since the triton wheel bundles the AMD backend and its linker (measured with triton 3.9.0:
+1.5 s for the first kernel, 0.3 s after). ``aot_report()`` feeds ``safegrad info --aot``,
+the benchmarks and ``tests/test_triton_aot.py``.
+
+What AMD shows (triton 3.9.0, gfx942 and gfx90a): fp32 streaming bodies use 128-bit
+``buffer_load_dwordx4``, but bf16/fp16 bodies only 64-bit ``buffer_load_dwordx2``: a
+wavefront has 64 lanes, so 8 warps x 64 lanes share a 2048-element block as 4 elements
+per lane (8 on NVIDIA's 32-lane warps). Halving ``NUM_WARPS`` on HIP would restore 128-bit
+half-precision loads; left until an AMD GPU can time it.
 
 The kernels are compiled from a private copy of ``triton_kernels`` imported with the
 interpreter switched off: ``@triton.jit`` picks interpreted or compiled at decoration time,
@@ -28,6 +37,7 @@ from types import ModuleType
 from typing import Any
 
 ARCHS = (80, 90)
+AMD_ARCHS = ("gfx942", "gfx90a")  # MI300, MI200
 DTYPES = ("fp32", "bf16", "fp16")
 
 # The four kernels that stream gradient data; the segment sum reads a few KiB of partials.
@@ -36,6 +46,14 @@ STREAMING = ("_dot_norms_partial_kernel", "_axpy_kernel", "_gram_partial_kernel"
 _LOAD_RE = re.compile(r"\bld\.global((?:\.[a-z0-9]+)*)\s")
 _STORE_RE = re.compile(r"\bst\.global((?:\.[a-z0-9]+)*)\s")
 _USAGE_RE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_AMD_ACCESS_RE = re.compile(r"\b(?:global|buffer|flat)_(load|store)_([a-z0-9_]+)")
+_AMD_META_RE = re.compile(
+    r"\.(vgpr_count|sgpr_count|vgpr_spill_count|sgpr_spill_count|private_segment_fixed_size):"
+    r"\s+(\d+)"
+)
+# Bits per lane of one AMDGCN memory instruction, by suffix.
+_AMD_BITS = {"byte": 8, "ubyte": 8, "sbyte": 8, "short": 16, "ushort": 16, "sshort": 16}
+_AMD_BITS |= {"dword": 32, "dwordx2": 64, "dwordx3": 96, "dwordx4": 128}
 
 
 @contextlib.contextmanager
@@ -95,11 +113,24 @@ def _signature(kernel: str, dtype: str, aligned: bool) -> tuple[dict[str, str], 
 KERNELS = (*STREAMING, "_segment_sum_kernel")
 
 
-@functools.cache
-def compile_kernel(kernel: str, arch: int, dtype: str = "fp32", aligned: bool = True) -> Any:
-    """A ``CompiledKernel`` (``.asm["ptx"]``, ``.asm["cubin"]``) for ``sm_{arch}``."""
-    import triton
+def _target(arch: int | str) -> Any:
+    """``sm_{arch}`` for an int (CUDA, 32-lane warps), a ``gfx*`` name for AMD (wave64)."""
     from triton.backends.compiler import GPUTarget
+
+    if isinstance(arch, str) and arch.startswith("gfx"):
+        return GPUTarget("hip", arch, 64)
+    return GPUTarget("cuda", int(arch), 32)
+
+
+def arch_name(arch: int | str) -> str:
+    return arch if isinstance(arch, str) else f"sm_{arch}"
+
+
+@functools.cache
+def compile_kernel(kernel: str, arch: int | str, dtype: str = "fp32", aligned: bool = True) -> Any:
+    """A ``CompiledKernel`` for ``sm_{arch}`` (``.asm["ptx"]``, ``["cubin"]``) or an AMD
+    ``gfx*`` target (``.asm["amdgcn"]``, ``["hsaco"]``)."""
+    import triton
 
     fn = getattr(compiled_kernels(), kernel)
     sig, const = _signature(kernel, dtype, aligned)
@@ -109,7 +140,17 @@ def compile_kernel(kernel: str, arch: int, dtype: str = "fp32", aligned: bool = 
     num_warps = 4 if kernel == "_segment_sum_kernel" else tb.NUM_WARPS
     options = {"num_warps": num_warps, "enable_fp_fusion": True}
     with _interpreter_off():
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        return triton.compile(src, target=_target(arch), options=options)
+
+
+@functools.cache
+def amd_support() -> tuple[bool, str]:
+    """Whether this triton compiles for AMD without a GPU: ``(True, "")`` or why not."""
+    try:
+        compile_kernel("_segment_sum_kernel", AMD_ARCHS[0])
+    except Exception as exc:  # no AMD backend in the wheel, no linker, ...
+        return False, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+    return True, ""
 
 
 def cuobjdump_path() -> str | None:
@@ -157,6 +198,47 @@ def _widest(forms: dict[str, int]) -> int:
     return max((_access_bits(f) for f in forms if not re.fullmatch(r"[bsu]64", f)), default=0)
 
 
+def amdgcn_accesses(asm: str) -> dict[str, dict[str, int]]:
+    """``{"loads": {form: count}, "stores": {form: count}}``, forms like ``buffer_dwordx4``."""
+    out: dict[str, dict[str, int]] = {"loads": {}, "stores": {}}
+    for m in _AMD_ACCESS_RE.finditer(asm):
+        key = "loads" if m.group(1) == "load" else "stores"
+        form = m.group(0).replace(f"_{m.group(1)}_", "_", 1)
+        out[key][form] = out[key].get(form, 0) + 1
+    return out
+
+
+def _amd_bits(form: str) -> int:
+    suffix = form.split("_", 1)[1]
+    return next(
+        (
+            b
+            for name, b in _AMD_BITS.items()
+            if suffix.startswith(name) and (suffix == name or not suffix[len(name)].isalnum())
+        ),
+        0,
+    )
+
+
+def _amd_widest(forms: dict[str, int]) -> int:
+    # Triton lowers the gradient bodies to buffer instructions; global ones are the ragged
+    # tails and the int64 pointer/chunk table (64-bit, left out as in the PTX count).
+    data = [f for f in forms if f.startswith("buffer_")]
+    data = data or [f for f in forms if f != "global_dwordx2"]
+    return max((_amd_bits(f) for f in data), default=0)
+
+
+def amdgcn_usage(asm: str) -> dict[str, int]:
+    """VGPRs, SGPRs, spilled registers and scratch bytes from the HSACO metadata."""
+    found = {k: int(v) for k, v in _AMD_META_RE.findall(asm)}
+    return {
+        "registers": found.get("vgpr_count", 0),
+        "sgprs": found.get("sgpr_count", 0),
+        "spilled": found.get("vgpr_spill_count", 0) + found.get("sgpr_spill_count", 0),
+        "scratch_bytes": found.get("private_segment_fixed_size", 0),
+    }
+
+
 def ptx_accesses(ptx: str) -> dict[str, dict[str, int]]:
     """``{"loads": {form: count}, "stores": {form: count}}`` of global memory accesses."""
     out: dict[str, dict[str, int]] = {"loads": {}, "stores": {}}
@@ -167,32 +249,44 @@ def ptx_accesses(ptx: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def _row(kernel: str, arch: int | str, dtype: str, aligned: bool) -> dict[str, Any]:
+    ck = compile_kernel(kernel, arch, dtype, aligned)
+    row: dict[str, Any] = {"kernel": kernel, "arch": arch_name(arch), "dtype": dtype}
+    row["aligned"] = aligned
+    if "amdgcn" in ck.asm:
+        acc = amdgcn_accesses(ck.asm["amdgcn"])
+        usage = amdgcn_usage(ck.asm["amdgcn"])
+        # Registers spilled to scratch count as spills, like cuobjdump's LOCAL bytes.
+        spill = usage["scratch_bytes"] if usage["spilled"] else 0
+        row |= {"registers": usage["registers"], "spill_bytes": spill, "stack_bytes": None}
+        row |= {"max_load_bits": _amd_widest(acc["loads"])}
+        row |= {"max_store_bits": _amd_widest(acc["stores"])}
+    else:
+        acc = ptx_accesses(ck.asm["ptx"])
+        usage = resource_usage(ck.asm["cubin"])
+        row |= {
+            "registers": usage["registers"] if usage else None,
+            "spill_bytes": usage["local"] if usage else None,
+            "stack_bytes": usage["stack"] if usage else None,
+            "max_load_bits": _widest(acc["loads"]),
+            "max_store_bits": _widest(acc["stores"]),
+        }
+    return row | {"loads": acc["loads"], "stores": acc["stores"]}
+
+
 def _report_here(
-    archs: tuple[int, ...], dtypes: tuple[str, ...], aligned: tuple[bool, ...]
+    archs: tuple[int | str, ...], dtypes: tuple[str, ...], aligned: tuple[bool, ...]
 ) -> list[dict[str, Any]]:
     rows = []
-    for kernel in KERNELS:
-        for arch in archs:
+    for arch in archs:
+        if isinstance(arch, str) and not amd_support()[0]:
+            # Said once per arch, so a report shows what it could not compile and why.
+            rows.append({"kernel": "*", "arch": arch, "error": amd_support()[1]})
+            continue
+        for kernel in KERNELS:
             for dtype in dtypes if kernel != "_segment_sum_kernel" else ("fp32",):
                 for al in aligned if kernel != "_segment_sum_kernel" else (True,):
-                    ck = compile_kernel(kernel, arch, dtype, al)
-                    acc = ptx_accesses(ck.asm["ptx"])
-                    usage = resource_usage(ck.asm["cubin"])
-                    rows.append(
-                        {
-                            "kernel": kernel,
-                            "arch": f"sm_{arch}",
-                            "dtype": dtype,
-                            "aligned": al,
-                            "registers": usage["registers"] if usage else None,
-                            "spill_bytes": usage["local"] if usage else None,
-                            "stack_bytes": usage["stack"] if usage else None,
-                            "max_load_bits": _widest(acc["loads"]),
-                            "max_store_bits": _widest(acc["stores"]),
-                            "loads": acc["loads"],
-                            "stores": acc["stores"],
-                        }
-                    )
+                    rows.append(_row(kernel, arch, dtype, al))
     return rows
 
 
@@ -207,15 +301,17 @@ def _can_compile_here() -> bool:
 
 
 def aot_report(
-    archs: tuple[int, ...] = ARCHS,
+    archs: tuple[int | str, ...] = (*ARCHS, *AMD_ARCHS),
     dtypes: tuple[str, ...] = ("fp32", "bf16"),
     aligned: tuple[bool, ...] = (True,),
 ) -> list[dict[str, Any]]:
     """One row per (kernel, arch, dtype, aligned): registers, spills, widest global access.
 
-    ``spill_bytes`` is cuobjdump's LOCAL (None when cuobjdump is absent). Access widths
-    come from the PTX, leaving out the int64 table loads; 128 means ``ld.global.v4.b32``
-    (``st.global.v4.b32``), 32/16 one element per instruction.
+    ``archs``: ints are CUDA ``sm_*``, ``gfx*`` names AMD. ``spill_bytes`` is cuobjdump's
+    LOCAL (None when cuobjdump is absent), on AMD the scratch bytes when registers spill.
+    Access widths come from the PTX / AMDGCN, leaving out the int64 table loads; 128 means
+    ``ld.global.v4.b32`` or ``buffer_load_dwordx4``, 32/16 one element per instruction.
+    An AMD arch this triton cannot compile for gives one row with its ``error``.
     Needs triton, not a GPU.
     """
     if _can_compile_here():
@@ -238,6 +334,9 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     head = f"{'kernel':<28}{'arch':<7}{'dtype':<6}{'align':<6}{'regs':>5}{'spill':>6}{'ld bits':>8}{'st bits':>8}"
     lines = [head]
     for r in rows:
+        if "error" in r:
+            lines.append(f"{r['kernel']:<28}{r['arch']:<7}cannot compile here: {r['error']}")
+            continue
         lines.append(
             f"{r['kernel']:<28}{r['arch']:<7}{r['dtype']:<6}{r['aligned']!s:<6}{r['registers']!s:>5}"
             f"{r['spill_bytes']!s:>6}{r['max_load_bits']:>8}{r['max_store_bits']:>8}"
