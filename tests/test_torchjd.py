@@ -6,6 +6,7 @@ import contextlib
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -401,3 +402,14 @@ def test_importing_the_package_does_not_import_torchjd():
         "import safegrad_kernels.integrations.torchjd; assert 'torchjd' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_benchmark_runs_and_every_provider_is_accurate():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks import bench_torchjd
+
+    results = bench_torchjd.main(["--tiny", "--no-save", "--backends", "torch", "--threads", "1"])
+    assert len(results) == 2  # m = 2 and m = 4
+    for timings, errors in results.values():
+        assert set(timings) == {"torchjd", "torchjd-gram", "ours-torch", "ours-torch+jd"}
+        assert max(errors.values()) <= 1e-5, errors  # against torchjd's path in float64
