@@ -264,9 +264,11 @@ def test_surgeon_allocates_missing_task_grad():
 
 
 @pytest.mark.parametrize("given_order", [True, False])
-def test_surgeon_step_never_syncs(given_order, forbid_host_sync):
+@pytest.mark.parametrize("with_generator", [True, False])
+def test_surgeon_step_never_syncs(given_order, with_generator, forbid_host_sync):
     model = TwoHeads()
-    surgeon = PCGrad(model.parameters(), num_objectives=3)
+    generator = torch.Generator().manual_seed(3) if with_generator else None
+    surgeon = PCGrad(model.parameters(), num_objectives=3, generator=generator)
     losses = model.losses(torch.randn(5, 6))
     losses[0].backward(retain_graph=True)
     for j in (1, 2):
@@ -293,3 +295,88 @@ def test_surgeon_validation():
     assert len(surgeon.params) == len(params)  # duplicates kept once
     with pytest.raises(ValueError, match="objective index"):
         surgeon.objective(2)
+
+
+# --- torch.compile(fullgraph=True) -------------------------------------------------------
+
+
+def conflicting_surgeon(m: int, generator=None):
+    """A PCGrad surgeon over odd-sized parameters, every objective captured, conflicts by sign."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in ((7, 3), (13,), (5, 2, 3))]
+    surgeon = PCGrad(params, num_objectives=m, generator=generator, backend="torch")
+    return surgeon, params
+
+
+def fill_objectives(surgeon, params, grads):
+    """Put ``grads[j]`` (one tensor per param) into objective j's gradient."""
+    for j, gs in enumerate(grads):
+        with surgeon.objective(j):
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+
+
+def objective_data(m: int, params):
+    common = [torch.randn_like(p) for p in params]
+    signs = [(-1.0) ** j * (1 + random.random()) for j in range(m)]
+    return [[s * c + 0.5 * torch.randn_like(c) for c in common] for s in signs]
+
+
+def test_eager_generator_draws_argsorted_uniforms():
+    # The documented stream: row i of the order is argsort of the generator's uniforms,
+    # the same numbers eager and compiled code draw.
+    m, seed = 4, random.randrange(2**31)
+    lists = make_objectives(m, torch.float32, conflict=True)
+    before = [[t.clone() for t in lst] for lst in lists]
+    pcgrad_(lists, generator=torch.Generator().manual_seed(seed))
+    order = torch.rand(m, m, generator=torch.Generator().manual_seed(seed)).argsort(1)
+    check_against_textbook(before, lists[0], order.tolist())
+
+
+@pytest.mark.parametrize("m", [3, 4])
+def test_compiled_step_with_generator_equals_eager(m):
+    seed = random.randrange(2**31)
+    eager_gen, compiled_gen = (torch.Generator().manual_seed(seed) for _ in range(2))
+    eager, eager_params = conflicting_surgeon(m, eager_gen)
+    comp, comp_params = conflicting_surgeon(m, compiled_gen)
+    with torch.no_grad():
+        for p, q in zip(comp_params, eager_params):
+            p.copy_(q)
+    step = torch.compile(comp.step, fullgraph=True, backend="aot_eager")
+    for _ in range(2):  # the second call must draw the next orders, as eager does
+        data = objective_data(m, eager_params)
+        fill_objectives(eager, eager_params, data)
+        fill_objectives(comp, comp_params, data)
+        want = eager.step()
+        got = step()
+        assert torch.equal(got.weights, want.weights)
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(comp_params, eager_params))
+        assert torch.equal(compiled_gen.get_state(), eager_gen.get_state())
+
+
+def test_compiled_step_with_order_tensor_equals_eager():
+    m = 4
+    eager, eager_params = conflicting_surgeon(m)
+    comp, comp_params = conflicting_surgeon(m)
+    step = torch.compile(comp.step, fullgraph=True, backend="aot_eager")
+    for _ in range(2):  # a new order is a new input to the same graph, not a constant
+        order = random_order(m)
+        data = objective_data(m, eager_params)
+        fill_objectives(eager, eager_params, data)
+        fill_objectives(comp, comp_params, data)
+        want = eager.step(order=torch.tensor(order))
+        got = step(order=torch.tensor(order))
+        assert torch.equal(got.weights, want.weights)
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(comp_params, eager_params))
+        check_against_textbook(data, [p.grad for p in comp_params], order)
+
+
+def test_compiled_op_with_unregistered_generator_says_how_to_fix():
+    lists = make_objectives(3, torch.float32, conflict=True)
+    fresh = torch.Generator().manual_seed(1)  # never seen by eager code
+    compiled = torch.compile(
+        lambda ls: pcgrad_(ls, generator=fresh, backend="torch"),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    with pytest.raises(RuntimeError, match="never registered"):
+        compiled(lists)

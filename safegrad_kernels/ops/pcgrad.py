@@ -11,6 +11,7 @@ flattened, copied and re-read for each of the ``m (m - 1)`` projections.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor
 
 from .functional import combine_, gram
 
-__all__ = ["pcgrad_", "pcgrad_coefficients", "pcgrad_with_gram_"]
+__all__ = ["pcgrad_", "pcgrad_coefficients", "pcgrad_with_gram_", "register_generator"]
 
 
 def _check_order(order: object, m: int, device: torch.device) -> Tensor:
@@ -35,9 +36,10 @@ def _check_order(order: object, m: int, device: torch.device) -> Tensor:
             f"order must have shape [{m}, {m}] (row i: the order in which g_i visits the "
             f"others), got {tuple(order.shape)}"
         )
-    if order.device.type == "cpu":
+    if order.device.type == "cpu" and not torch.compiler.is_compiling():
         # Free on a CPU tensor; a device-resident order is trusted (checking it would
-        # cost a host sync on every step).
+        # cost a host sync on every step), and so is one traced by torch.compile
+        # (a Python branch on its values cannot be part of a graph).
         expected = torch.arange(m)
         for i, row in enumerate(order):
             if not torch.equal(row.sort().values.to(torch.int64), expected):
@@ -49,11 +51,53 @@ def _check_order(order: object, m: int, device: torch.device) -> Tensor:
     return order.to(torch.int64)
 
 
+# torch.compile cannot put a torch.Generator into a graph (dynamo graph-breaks on it by
+# design), so an explicit generator is drawn from inside an opaque op that receives only
+# the generator's id; the op looks the generator up here when it runs. Compiled and eager
+# code thus draw the same numbers from the same generator state. Weak references: the
+# table never keeps a generator alive.
+_GENERATORS: dict[int, weakref.ref[torch.Generator]] = {}
+
+
+def register_generator(generator: torch.Generator) -> int:
+    """Make ``generator`` reachable from compiled code; returns the key the op receives.
+
+    Called eagerly (by ``PCGrad.__init__`` and every eager ``pcgrad_`` call); a trace
+    only reads the key, so a generator first seen inside ``torch.compile`` must have
+    been registered before.
+    """
+    key = id(generator)
+    if not torch.compiler.is_compiling():
+        _GENERATORS[key] = weakref.ref(generator, lambda _, k=key: _GENERATORS.pop(k, None))
+    return key
+
+
+@torch.library.custom_op("safegrad::pcgrad_random_order", mutates_args=())
+def _generator_order(m: int, generator_key: int, device: torch.device) -> Tensor:
+    ref = _GENERATORS.get(generator_key)
+    generator = ref() if ref is not None else None
+    if generator is None:
+        raise RuntimeError(
+            "pcgrad_: the generator used under torch.compile was never registered; build "
+            "the PCGrad surgeon with it, or call pcgrad_ (or "
+            "safegrad_kernels.ops.pcgrad.register_generator) with it once outside compile"
+        )
+    keys = torch.rand(m, m, generator=generator, device=device)
+    return keys.argsort(dim=1)
+
+
+@_generator_order.register_fake
+def _(m, generator_key, device):
+    return torch.empty(m, m, dtype=torch.int64, device=device)
+
+
 def _random_order(m: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
     """Each row an independent uniform permutation (argsort of uniforms: no host sync)."""
-    where = generator.device if generator is not None else device
-    keys = torch.rand(m, m, generator=generator, device=where)
-    return keys.argsort(dim=1).to(device, non_blocking=True)
+    if generator is None:
+        order = torch.rand(m, m, device=device).argsort(dim=1)
+    else:
+        order = _generator_order(m, register_generator(generator), generator.device)
+    return order.to(device, non_blocking=True)
 
 
 def pcgrad_coefficients(gram_matrix: Tensor, order: Tensor) -> Tensor:
@@ -103,10 +147,12 @@ def pcgrad_(
         lists: m >= 1 equal-length lists of equally shaped gradient tensors, one list
             per objective (the same constraints as ``gram``/``combine_``).
         order: optional ``[m, m]`` integer tensor, row i a permutation of ``0..m-1``
-            (entries equal to i are skipped). Values are checked when it is on the CPU;
-            a device-resident order is trusted (checking would sync the host).
-            Default: each row an independent random permutation, as in the paper.
+            (entries equal to i are skipped). Values are checked when it is on the CPU
+            in eager mode; a device-resident order, or any order inside
+            ``torch.compile``, is trusted (checking would sync the host or break the
+            graph). Default: each row an independent random permutation, as in the paper.
         generator: random source for the default order (its device is used to draw).
+            Compiled and eager calls draw the same orders from the same generator state.
         backend: op backend for ``gram`` and ``combine_``.
 
     Returns:

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import Tensor
 
-from ..ops.pcgrad import pcgrad_with_gram_
+from ..ops.pcgrad import pcgrad_with_gram_, register_generator
 from .base import Surgeon, check_backend
 from .safegrad import check_op_dtypes
 from .stats import PCGradStats, safe_div
@@ -39,7 +39,8 @@ class PCGrad(Surgeon):
         params: trainable parameters (float32/bfloat16/float16, one device).
         num_objectives: m >= 1.
         generator: random source for the per-step visiting order (default: torch's
-            global generator on the parameters' device).
+            global generator on the parameters' device). ``torch.compile(step,
+            fullgraph=True)`` draws the same orders from it as eager ``step()``.
         backend: op backend (``None`` = auto, or ``"triton"``, ``"cpp"``, ``"torch"``).
 
     Missing gradients: for a tensor that has a gradient from some objectives but not
@@ -63,6 +64,8 @@ class PCGrad(Surgeon):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         self.num_objectives = num_objectives
         self.generator = generator
+        if generator is not None:
+            register_generator(generator)  # so that a compiled step() can draw from it
         self.backend = check_backend(backend)
         super().__init__(params, num_slots=num_objectives - 1)
         check_op_dtypes(self.params)
@@ -84,8 +87,13 @@ class PCGrad(Surgeon):
     def step(self, *, order: Tensor | None = None) -> PCGradStats:
         """Replace every ``p.grad`` by the PCGrad aggregate; consume the captured gradients.
 
-        ``order``: optional ``[m, m]`` visiting order (see ``pcgrad_``); default random.
+        ``order``: optional ``[m, m]`` visiting order (see ``pcgrad_``; its values are
+        checked in eager mode on the CPU only); default random.
         On a validation error nothing is written and the captured gradients are kept.
+        Compiles as one graph (``torch.compile(surgeon.step, fullgraph=True)``) with
+        or without ``order`` and ``generator``; without a generator, inductor draws
+        from its own RNG stream, so only an explicit generator (or ``order``) gives
+        the eager orders there.
         """
         self._check_idle("step()")
         m = self.num_objectives
