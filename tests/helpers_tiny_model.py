@@ -99,3 +99,43 @@ def toy_examples(
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack equal-length examples (they are pre-padded)."""
     return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+# A chat template with TRL's {% generation %} markers (assistant_only_loss), the turn's
+# end-of-sequence token inside them, and a generation prompt that is a prefix of the
+# rendered conversation (TRL's prompt/completion split needs that).
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'assistant' -%}"
+    "<|assistant|> {% generation %}{{ m['content'] }} </s>{% endgeneration %} "
+    "{%- else -%}"
+    "<|{{ m['role'] }}|> {{ m['content'] }} "
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|assistant|> {%- endif -%}"
+)
+
+
+def tiny_tokenizer(words: list[str] | tuple[str, ...]):
+    """A word-level fast tokenizer over ``words`` with a chat template (no downloads).
+
+    Ids 0, 1, 2 are pad, bos, eos as in ``tiny_llama``'s config; role markers are special
+    tokens, so ``text + "</s>"`` splits as TRL expects. Needs ``len(...) <= vocab``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words) - set(specials)))}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=specials[4:],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

@@ -2,6 +2,7 @@
 
 ``lora_parameters`` needs only torch. ``SafeGradTrainer`` imports transformers, so it is
 loaded on first access (``from safegrad_kernels.integrations import SafeGradTrainer``).
+TRL's ``SFTTrainer`` with the same methods: ``safegrad_kernels.integrations.trl``.
 """
 
 from __future__ import annotations

@@ -166,6 +166,10 @@ class SafeGradTrainer(Trainer):
             raise ValueError(f"alignment_batch_size must be >= 1, got {alignment_batch_size}")
         self.surgery_backend = check_backend(surgery_backend)
         self.alignment_dataset = alignment_dataset
+        default_ddp_find_unused_parameters(
+            kwargs.get("args", args[1] if len(args) > 1 else None),
+            _is_peft_model(kwargs.get("model", args[0] if args else None)),
+        )
 
         super().__init__(*args, **kwargs)
 
@@ -399,15 +403,60 @@ class SafeGradTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry "loss"; this is the only place the device sums are read.
-        if "loss" in logs:
-            if self._stat_steps:
-                means = (self._stat_sum / self._stat_steps).tolist()
+        if "loss" in logs and (self._stat_steps or self._align_steps):
+            parts = [self._stat_sum] if self._stat_steps else []
+            if self._align_steps:
+                parts.append(self._align_sum.reshape(1))
+            sums = self._mean_over_ranks(torch.cat(parts))
+            n_stats = len(self._stat_names) if self._stat_steps else 0
+            if n_stats:
+                means = (sums[:n_stats] / self._stat_steps).tolist()
                 for name, value in zip(self._stat_names, means):
                     logs[f"surgery/{_STAT_LOG_NAMES.get(name, name)}"] = value
                 self._stat_sum.zero_()
                 self._stat_steps = 0
             if self._align_steps:
-                logs["align_loss"] = float(self._align_sum) / self._align_steps
+                logs["align_loss"] = float(sums[n_stats]) / self._align_steps
                 self._align_sum = None
                 self._align_steps = 0
         super().log(logs, start_time)
+
+    # -- accelerate: logged values are means over ranks (issue 11) -----------------------------
+
+    def _mean_over_ranks(self, sums: Tensor) -> Tensor:
+        """The window's sums averaged over the processes, as the Trainer averages ``loss``.
+
+        One all-reduce of this small vector (stats + alignment loss), on logging steps
+        only; every rank logs on the same steps with the same stats, so all take part.
+        A single process returns ``sums`` itself (values bit for bit as before).
+        """
+        if self.accelerator.num_processes == 1:
+            return sums
+        return self.accelerator.reduce(sums, reduction="mean")
+
+
+# -- accelerate: DDP's find_unused_parameters for PEFT models (issue 11) -----------------------
+
+
+def _is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def default_ddp_find_unused_parameters(args: Any, is_peft: bool) -> None:
+    """Set ``args.ddp_find_unused_parameters = False`` for a PEFT model the user left at None.
+
+    The Trainer turns ``None`` into ``True`` for any model that is not a
+    ``PreTrainedModel``, a ``PeftModel`` included, so every DDP run of a LoRA model paid
+    DDP's extra traversal of the autograd graph after each backward and warned that
+    ``find_unused_parameters=True`` found no unused parameter: every trainable LoRA
+    factor is used by every forward (the reference forward, adapters disabled, runs
+    under ``no_grad`` and needs no gradient). A value the user set is kept; so is
+    ``True`` for adapters that really skip a forward (set it explicitly). Like TRL's own
+    default for vision models, this writes to ``args``.
+    """
+    if is_peft and args is not None and getattr(args, "ddp_find_unused_parameters", 0) is None:
+        args.ddp_find_unused_parameters = False
