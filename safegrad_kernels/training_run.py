@@ -359,12 +359,13 @@ def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-# The method options the plan shows, per method (the rest do not act on that method).
+# The method options the plan shows, per method (the rest do not act on that method);
+# the alignment options follow for every method that uses alignment data.
 _METHOD_OPTIONS = {
     "sft": (),
-    "safegrad": ("rho", "alignment_loss", "kl_positions", "surgery_granularity"),
-    "spf": ("spf_rank", "spf_refresh_every", "spf_mode", "alignment_loss"),
-    "mixed": ("lam", "alignment_loss", "kl_positions"),
+    "safegrad": ("rho", "surgery_granularity"),
+    "spf": ("spf_rank", "spf_refresh_every", "spf_mode"),
+    "mixed": ("lam",),
 }
 
 
@@ -380,15 +381,14 @@ def _plan(
     bf16: bool,
 ) -> list[str]:
     """The plan of the run, printed before anything loads (and by ``--dry-run``)."""
-    method = {k: v for k, v in vars(args).items() if k in _METHOD_OPTIONS[args.method]}
-    if args.method in ("safegrad", "mixed", "spf"):
-        if method.get("alignment_loss") is None:
-            method["alignment_loss"] = "ce" if args.method == "spf" else "kl"
+    method = {k: getattr(args, k) for k in _METHOD_OPTIONS[args.method]}
+    if args.method != "sft":
+        # SafeGradTrainer's default: ce for spf (its step-0 KL gradient is zero), else kl.
+        loss = args.alignment_loss or ("ce" if args.method == "spf" else "kl")
+        method["alignment_loss"] = loss
+        if loss == "kl":
+            method["kl_positions"] = args.kl_positions
         method["alignment_batch_size"] = args.alignment_batch_size or args.batch_size
-    if method.get("alignment_loss") is None:
-        method.pop("alignment_loss", None)
-    elif method["alignment_loss"] != "kl":
-        method.pop("kl_positions", None)
     per_step = args.batch_size * args.gradient_accumulation_steps * steps["world_size"]
     schedule = (
         f"{steps['total']} optimizer steps ({steps['epochs']:g} epochs x {steps['per_epoch']} "

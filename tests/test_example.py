@@ -187,8 +187,8 @@ def test_training_curves_png_and_a_summary_without_matplotlib(tmp_path, monkeypa
 @pytest.mark.parametrize(
     ("method", "expected"),
     [
-        ("safegrad", "method      safegrad --rho 0.5 --alignment-loss kl --kl-positions response "
-                     "--surgery-granularity global --alignment-batch-size 3"),
+        ("safegrad", "method      safegrad --rho 0.5 --surgery-granularity global --alignment-loss kl "
+                     "--kl-positions response --alignment-batch-size 3"),
         ("spf", "method      spf --spf-rank 8 --spf-refresh-every 0 --spf-mode conflicting "
                 "--alignment-loss ce --alignment-batch-size 3"),
         ("mixed", "method      mixed --lam 1.0 --alignment-loss kl --kl-positions response "
