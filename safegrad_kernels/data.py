@@ -295,7 +295,8 @@ def format_prompt(example: Example, style: str = "alpaca", tokenizer: Any = None
         return user + "\n"
     if style == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--prompt-style chat needs a tokenizer with a chat template")
+            # DataError: the CLI reports it in one line (the CLI also checks before loading).
+            raise DataError("--prompt-style chat needs a tokenizer with a chat template")
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
         )

@@ -20,7 +20,16 @@ from typing import Any
 from . import metrics as scoring
 from .data import DataError, Example, load_examples
 from .generation import generate
-from .hf_loading import bf16_supported, load_adapter, load_causal_lm, load_tokenizer, weights_dtype
+from .hf_loading import (
+    bf16_supported,
+    check_adapter_dir,
+    check_chat_template,
+    check_model_dir,
+    load_adapter,
+    load_causal_lm,
+    load_tokenizer,
+    weights_dtype,
+)
 from .moderation import moderation_flags
 
 __all__ = ["run"]
@@ -74,6 +83,21 @@ def _prompt_style(args: argparse.Namespace) -> str:
     return "alpaca"
 
 
+def _check_paths(args: argparse.Namespace, style: str) -> None:
+    """Every folder and output path, checked before anything loads (one line each)."""
+    trust = args.trust_remote_code
+    check_model_dir("--model", args.model, trust_remote_code=trust)
+    if args.adapter:
+        check_adapter_dir("--adapter", args.adapter)
+    if args.moderation_model:
+        check_model_dir("--moderation-model", args.moderation_model, trust_remote_code=trust)
+    if style == "chat":
+        check_chat_template("--prompt-style chat", args.model)
+    for flag, path in (("--output", args.output), ("--save-generations", args.save_generations)):
+        if path and Path(path).is_dir():
+            raise DataError(f"{flag} {path}: is a folder; expected a file path")
+
+
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     import torch
 
@@ -114,6 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run `safegrad eval`; returns (and writes) the metrics dict."""
     harmful, task, labels = _load_sets(args)
     style = _prompt_style(args)
+    _check_paths(args, style)
 
     started = time.perf_counter()
     model, tokenizer, device = _load_model(args)

@@ -161,6 +161,12 @@ class _ChunkedKL(torch.autograd.Function):
                 grad[start:end].copy_(g)
         if grad is not None:
             ctx.save_for_backward(grad)
+        # --- issue 12: the reported KL is never negative ---------------------------------
+        # The exact KL is >= 0; summed in fp32 over near-identical distributions (a LoRA
+        # model just off its reference) it can round to e.g. -3.8e-8. Clamp the value only:
+        # the gradient above is the exact one, whatever the rounding of the sum.
+        total = total.clamp_min(0.0)
+        # --- end issue 12 ------------------------------------------------------------------
         return total * scale
 
     @staticmethod
@@ -207,7 +213,9 @@ def kl_alignment_loss(
             micro-batches of one optimizer step (``response_token_count``).
 
     Returns:
-        A float32 scalar (float64 for float64 logits). With zero response tokens the loss is 0 and its gradient is 0.
+        A float32 scalar (float64 for float64 logits), clamped at 0: a negative sum is fp32
+        rounding (about -4e-8 next to the reference), not a KL. With zero response tokens
+        the loss is 0 and its gradient is 0.
 
     No host synchronisation: masked positions are computed and weighted by zero rather than
     selected (selecting needs their count on the host); the softmax work is ~1/400 of the

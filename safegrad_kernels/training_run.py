@@ -1,14 +1,18 @@
 """One `safegrad train` run: data, resume policy, Trainer arguments, LoRA model, training.
 
-Order of work: every argument and every data record is validated, the mixture is drawn
-and a resume checkpoint is found *before* the tokenizer or model loads, so a typo costs
-seconds, not a model load. Because it is a ``transformers.Trainer``, ``torchrun`` /
-``accelerate launch`` give multi-GPU data parallelism without code changes.
+Order of work: every argument and every data record is validated, the mixture is drawn,
+the model folder, the output folder and a resume checkpoint are checked and the plan is
+printed *before* the tokenizer or model loads, so a typo costs seconds, not a model load.
+Because it is a ``transformers.Trainer``, ``torchrun`` / ``accelerate launch`` give
+multi-GPU data parallelism without code changes.
 
-Output directory: the adapter (``adapter_model.safetensors``, ``adapter_config.json``),
-``train_args.json`` (every option plus the drawn mixture's fingerprint), ``train_metrics.json``
-and the Trainer's ``checkpoint-*`` folders (optimizer, scheduler and RNG states), from which
-``--resume`` continues exactly.
+Output directory: ``.safegrad_run.json`` (the marker saying the folder is one of our runs,
+written first), the adapter (``adapter_model.safetensors``, ``adapter_config.json``),
+``train_args.json`` (every option plus the drawn mixture's fingerprint), ``train_metrics.json``,
+``training_curves.png`` and the Trainer's ``checkpoint-*`` folders (optimizer, scheduler and
+RNG states), from which ``--resume`` continues exactly. A non-empty folder without the
+marker is the user's and is refused unless ``--overwrite``; ``--resume`` on a run that has
+already reached its planned step count changes nothing.
 
 ``run`` takes the parsed ``safegrad train`` options (see ``cli.train``); transformers and
 peft are imported only once the inputs have been checked.
@@ -20,18 +24,39 @@ import argparse
 import hashlib
 import inspect
 import json
+import math
 import os
 import random
 import shutil
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from . import data
 from .data import DataError, Example
-from .hf_loading import bf16_supported, load_causal_lm, load_tokenizer, weights_dtype
+from .hf_loading import (
+    add_lora,
+    bf16_supported,
+    check_chat_template,
+    check_model_dir,
+    load_causal_lm,
+    load_tokenizer,
+    weights_dtype,
+)
 
-__all__ = ["RESUME_INVARIANTS", "find_checkpoint", "run"]
+__all__ = [
+    "RESUME_INVARIANTS",
+    "RUN_MARKER",
+    "check_output_dir",
+    "find_checkpoint",
+    "finished_step",
+    "planned_steps",
+    "run",
+]
+
+# Written first into every --output-dir we train into: a folder holding it is ours to write.
+RUN_MARKER = ".safegrad_run.json"
 
 # Options that must equal the saved run's for ``--resume`` to continue the same experiment.
 # Schedule length (--epochs, --max-steps) and bookkeeping may change: that extends a run.
@@ -119,6 +144,59 @@ def _load_data(args: argparse.Namespace) -> tuple[list[Example], list[Example], 
     return mixture, alignment, counts
 
 
+def is_run_dir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder one of our runs wrote (its marker, or, for runs made
+    before the marker existed, a ``train_args.json`` carrying the mixture fingerprint)."""
+    folder = Path(path)
+    if (folder / RUN_MARKER).is_file():
+        return True
+    saved = folder / "train_args.json"
+    try:
+        return saved.is_file() and "mixture_sha256" in json.loads(saved.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_output_dir(path: str, *, overwrite: bool) -> str:
+    """What ``--output-dir`` is: ``"new"``, ``"empty"``, ``"run"`` (ours) or ``"foreign"``.
+
+    A file, or a non-empty folder that is not one of our runs (without ``overwrite``), is
+    refused: writing there would replace the user's files (PEFT writes its model card to
+    ``README.md``). Nothing is created here.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--output-dir {path}: is a file; expected a folder (new or empty)")
+    if not folder.exists():
+        return "new"
+    if not any(folder.iterdir()):
+        return "empty"
+    if is_run_dir(folder):
+        return "run"
+    if overwrite:
+        return "foreign"
+    raise DataError(
+        f"--output-dir {path}: not empty and not a safegrad run (no {RUN_MARKER}); its files "
+        "(e.g. README.md) would be overwritten. Use a new or empty folder, or pass --overwrite"
+    )
+
+
+def _mark_output_dir(path: str) -> None:
+    """Create ``path`` and its marker (kept if present: it records the run's first start)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"--output-dir {path}: cannot create it ({err.strerror})") from None
+    marker = folder / RUN_MARKER
+    if not marker.exists():
+        from . import __version__
+
+        created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        info = {"written_by": "safegrad train", "safegrad_kernels": __version__, "created": created}
+        marker.write_text(json.dumps(info, indent=2) + "\n")
+
+
 def find_checkpoint(output_dir: str, resume: str | None, *, overwrite: bool) -> str | None:
     """The checkpoint to continue from (``resume``: None, ``"last"`` or a path), or None.
 
@@ -126,7 +204,7 @@ def find_checkpoint(output_dir: str, resume: str | None, *, overwrite: bool) -> 
     ``overwrite``: starting there would mix two runs' checkpoints.
     """
     if resume is None:
-        stale = sorted(Path(output_dir).glob("checkpoint-*"))
+        stale = sorted(Path(output_dir).glob("checkpoint-*")) if Path(output_dir).is_dir() else []
         if stale and not overwrite:
             raise DataError(
                 f"{output_dir} holds checkpoints of an earlier run ({stale[-1].name}); "
@@ -135,8 +213,12 @@ def find_checkpoint(output_dir: str, resume: str | None, *, overwrite: bool) -> 
             )
         return None
     if resume != "last":
-        if not Path(resume).is_dir():
-            raise DataError(f"--resume {resume}: no such checkpoint directory")
+        if not (Path(resume) / "trainer_state.json").is_file():
+            raise DataError(
+                f"--resume {resume}: not a checkpoint folder (no trainer_state.json)"
+                if Path(resume).is_dir()
+                else f"--resume {resume}: no such checkpoint folder"
+            )
         return resume
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -144,6 +226,34 @@ def find_checkpoint(output_dir: str, resume: str | None, *, overwrite: bool) -> 
     if last is None:
         raise DataError(f"--resume: no checkpoint-* folder in {output_dir}")
     return last
+
+
+def finished_step(output_dir: str) -> int | None:
+    """The step at which a run in ``output_dir`` finished (its ``train_metrics.json``, written
+    last), or None if none finished there."""
+    try:
+        return int(json.loads((Path(output_dir) / "train_metrics.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def planned_steps(args: argparse.Namespace, samples: int, world_size: int = 1) -> dict[str, Any]:
+    """Optimizer steps the Trainer will run, computed as ``transformers.Trainer`` does.
+
+    A process sees ``ceil(batches / world_size)`` of the ``ceil(samples / batch)``
+    micro-batches of an epoch; ``gradient_accumulation_steps`` of them make a step (a
+    shorter last one included); ``--max-steps`` > 0 overrides ``--epochs``.
+    """
+    batches = -(-samples // args.batch_size)
+    per_process = -(-batches // world_size)
+    per_epoch = max(-(-per_process // args.gradient_accumulation_steps), 1)
+    if args.max_steps > 0:
+        total = args.max_steps
+        epochs = total / per_epoch
+    else:
+        total = math.ceil(args.epochs * per_epoch)
+        epochs = args.epochs
+    return {"total": total, "per_epoch": per_epoch, "epochs": epochs, "world_size": world_size}
 
 
 def _check_resume_config(saved_path: Path, config: dict[str, Any]) -> None:
@@ -160,6 +270,15 @@ def _check_resume_config(saved_path: Path, config: dict[str, Any]) -> None:
             f"--resume would change the experiment saved in {saved_path} ({'; '.join(changed)}); "
             "use a new --output-dir"
         )
+
+
+def _check_schedule(args: argparse.Namespace) -> None:
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise DataError(
+            f"--max-steps must be a positive integer or -1 (use --epochs), got {args.max_steps}"
+        )
+    if args.max_steps < 0 and not (args.epochs > 0 and math.isfinite(args.epochs)):
+        raise DataError(f"--epochs must be a positive number, got {args.epochs}")
 
 
 def _has_accelerator() -> bool:
@@ -240,6 +359,68 @@ def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+# The method options the plan shows, per method (the rest do not act on that method);
+# the alignment options follow for every method that uses alignment data.
+_METHOD_OPTIONS = {
+    "sft": (),
+    "safegrad": ("rho", "surgery_granularity"),
+    "spf": ("spf_rank", "spf_refresh_every", "spf_mode"),
+    "mixed": ("lam",),
+}
+
+
+def _plan(
+    args: argparse.Namespace,
+    counts: dict[str, int],
+    steps: dict[str, Any],
+    targets: list[str],
+    *,
+    checkpoint: str | None,
+    resume_step: int | None,
+    out_state: str,
+    bf16: bool,
+) -> list[str]:
+    """The plan of the run, printed before anything loads (and by ``--dry-run``)."""
+    method = {k: getattr(args, k) for k in _METHOD_OPTIONS[args.method]}
+    if args.method != "sft":
+        # SafeGradTrainer's default: ce for spf (its step-0 KL gradient is zero), else kl.
+        loss = args.alignment_loss or ("ce" if args.method == "spf" else "kl")
+        method["alignment_loss"] = loss
+        if loss == "kl":
+            method["kl_positions"] = args.kl_positions
+        method["alignment_batch_size"] = args.alignment_batch_size or args.batch_size
+    per_step = args.batch_size * args.gradient_accumulation_steps * steps["world_size"]
+    schedule = (
+        f"{steps['total']} optimizer steps ({steps['epochs']:g} epochs x {steps['per_epoch']} "
+        f"steps; {per_step} samples per step = batch {args.batch_size} x accumulation "
+        f"{args.gradient_accumulation_steps} x {steps['world_size']} process(es))"
+    )
+    if checkpoint:
+        schedule += f"; resuming at step {resume_step} from {checkpoint}"
+    saving = f"every {args.save_steps} steps" if args.save_steps > 0 else "every epoch"
+    out_note = {"new": "new", "empty": "empty", "run": "an earlier safegrad run",
+                "foreign": "not a safegrad run: --overwrite"}[out_state]  # fmt: skip
+    return [
+        f"safegrad train: {args.method} on {args.model}",
+        f"  data        {counts['task']} task + {counts['harmful']} harmful samples "
+        f"(p={args.harmful_ratio}), {counts['alignment']} alignment samples; "
+        f"--prompt-style {args.prompt_style}, --max-length {args.max_length}",
+        f"  schedule    {schedule}",
+        f"  optimizer   AdamW lr {args.learning_rate:g}, {args.lr_scheduler}, warmup "
+        f"{args.warmup_ratio:g} of the steps, weight decay {args.weight_decay:g}; bf16 "
+        + ("on" if bf16 else "off")
+        + (" (auto)" if args.bf16 == "auto" else ""),
+        f"  LoRA        r {args.lora_r}, alpha {args.lora_alpha:g}, dropout "
+        f"{args.lora_dropout:g}, on {','.join(targets)}",
+        f"  method      {args.method}"
+        + (
+            "".join(f" --{k.replace('_', '-')} {v}" for k, v in method.items()) or " (no alignment)"
+        ),
+        f"  output      {args.output_dir} ({out_note}); checkpoints {saving}, "
+        f"keep {args.save_total_limit}; logs every {args.logging_steps} steps",
+    ]
+
+
 def _summarise_logs(history: list[dict[str, Any]]) -> dict[str, float]:
     """Means over the run's logging windows of the surgery statistics and alignment loss."""
     sums: dict[str, list[float]] = {}
@@ -253,13 +434,15 @@ def _summarise_logs(history: list[dict[str, Any]]) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run `safegrad train`; returns the metrics written to ``train_metrics.json``."""
     started = time.perf_counter()
-    if args.method == "sft" and args.alignment_data:
-        _say("note: --method sft ignores --alignment-data")
+    _check_schedule(args)
     mixture, alignment, counts = _load_data(args)
     targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     if not targets:
         raise DataError("--lora-targets is empty")
-    checkpoint = find_checkpoint(args.output_dir, args.resume, overwrite=args.overwrite)
+    check_model_dir("--model", args.model, trust_remote_code=args.trust_remote_code)
+    if args.prompt_style == "chat":
+        check_chat_template("--prompt-style chat", args.model)
+    out_state = check_output_dir(args.output_dir, overwrite=args.overwrite)
     output_dir = Path(args.output_dir)
     config = {k: v for k, v in vars(args).items() if k not in ("command", "handler")}
     config.update(
@@ -268,27 +451,52 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mixture_sha256=_fingerprint(mixture),
         alignment_sha256=_fingerprint(alignment),
     )
-    if checkpoint is not None:
+    steps = planned_steps(args, len(mixture), int(os.environ.get("WORLD_SIZE", "1")))
+    if args.resume is not None:
         _check_resume_config(output_dir / "train_args.json", config)
-    _say(
-        f"data: {counts['task']} task + {counts['harmful']} harmful samples "
-        f"(p={args.harmful_ratio}), {counts['alignment']} alignment samples; method {args.method}"
-        + (f"; resuming from {checkpoint}" if checkpoint else "")
-    )
+        done = finished_step(args.output_dir)
+        if done is not None and done >= steps["total"]:
+            # Resuming a finished run must not train, rotate checkpoints or rewrite metrics.
+            _say(
+                f"{args.output_dir}: already finished at step {done} (this schedule plans "
+                f"{steps['total']}); nothing to train, nothing changed. Raise --max-steps or "
+                "--epochs to train further."
+            )
+            saved = json.loads((output_dir / "train_metrics.json").read_text())
+            return {**saved, "already_finished": True}
+    checkpoint = find_checkpoint(args.output_dir, args.resume, overwrite=args.overwrite)
+    resume_step = _checkpoint_step(checkpoint) if checkpoint else None
+    bf16 = bf16_supported() if args.bf16 == "auto" else args.bf16 == "on"
+    for line in _plan(
+        args, counts, steps, targets, checkpoint=checkpoint, resume_step=resume_step,
+        out_state=out_state, bf16=bf16,
+    ):  # fmt: skip
+        _say(line)
+    if args.method == "sft" and args.alignment_data:
+        _say("note: --method sft ignores --alignment-data")
 
     if args.dry_run:
-        return {"dry_run": True, "counts": counts, "resume_from": checkpoint, "config": config}
-    if args.overwrite and checkpoint is None and _is_main_process():
-        # A later --resume must not pick up a checkpoint of the run being replaced.
-        for stale in output_dir.glob("checkpoint-*"):
-            shutil.rmtree(stale)
+        _say("dry run: nothing loaded, nothing written")
+        return {
+            "dry_run": True,
+            "counts": counts,
+            "resume_from": checkpoint,
+            "steps": steps,
+            "config": config,
+        }
+    if _is_main_process():
+        _mark_output_dir(args.output_dir)
+        if args.overwrite and checkpoint is None:
+            # A later --resume must not pick up a checkpoint of the run being replaced.
+            for stale in output_dir.glob("checkpoint-*"):
+                shutil.rmtree(stale)
 
-    from peft import LoraConfig, get_peft_model
-    from transformers import set_seed
+    from peft import LoraConfig
+    from transformers import PrinterCallback, ProgressCallback, set_seed
 
+    from .integrations.progress import TrainingConsole
     from .integrations.trainer import SafeGradTrainer
 
-    bf16 = bf16_supported() if args.bf16 == "auto" else args.bf16 == "on"
     config["bf16_resolved"] = bf16
     tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     train_set, align_set = (
@@ -320,7 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
+    model = add_lora(model, lora)
     trainer = SafeGradTrainer(
         model=model,
         args=training_args,
@@ -329,8 +537,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         alignment_dataset=align_set if args.method != "sft" else None,
         **_method_kwargs(args),
     )
+    # One readable line per logging step instead of the Trainer's dict of strings.
+    console = TrainingConsole(bar=not training_args.disable_tqdm)
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(console)
     if trainer.is_world_process_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_args.json").write_text(
             json.dumps(config, indent=2, default=str) + "\n"
         )
@@ -354,5 +566,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         (output_dir / "train_metrics.json").write_text(
             json.dumps(metrics, indent=2, default=str) + "\n"
         )
-        _say(f"saved adapter, train_args.json and train_metrics.json to {output_dir}")
+        for line in console.summary(metrics["wall_seconds"], output_dir):
+            _say(line)
     return metrics
+
+
+def _checkpoint_step(checkpoint: str) -> int | None:
+    try:
+        return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

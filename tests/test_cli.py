@@ -208,12 +208,22 @@ def test_train_rejects_ratio_out_of_range(world, tmp_path, capsys, ratio):
     assert "--harmful-ratio: must be a number in [0, 1]" in capsys.readouterr().err
 
 
-def test_dry_run_validates_and_stops_before_the_model(world, tmp_path, capsys):
+def test_dry_run_validates_and_stops_before_the_model(world, tmp_path, capsys, monkeypatch):
+    from safegrad_kernels import training_run
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("--dry-run loaded a tokenizer or model")
+
+    monkeypatch.setattr(training_run, "load_tokenizer", tripwire)
+    monkeypatch.setattr(training_run, "load_causal_lm", tripwire)
     argv = [*_train_argv(world, tmp_path / "out", "safegrad", 1), "--dry-run"]
-    argv[argv.index("--model") + 1] = str(tmp_path / "no-model-here")
     assert main(argv) == 0
     assert "12 task + 4 harmful samples (p=0.25), 4 alignment samples" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+    # The dry run checks the model folder too (without loading it): a typo is caught here.
+    argv[argv.index("--model") + 1] = str(tmp_path / "no-model-here")
+    assert main(argv) == 2
+    assert "--model" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_resume_without_checkpoint_is_an_error(world, tmp_path, capsys):

@@ -127,7 +127,68 @@ def test_user_data_ratio_and_validation():
 # --- end to end --------------------------------------------------------------------
 
 
-def test_demo_quick_end_to_end(tmp_path, monkeypatch):
+def _synthetic_runs(seeds: int) -> list[dict]:
+    from safegrad_kernels.demo import report
+
+    rng = random.Random()
+    runs = []
+    for method, weight in (("sft", None), ("safegrad", 1.0)):
+        for p in (0.0, 0.3):
+            for seed in range(seeds):
+                metrics = {m: rng.random() for m in report.METRICS}
+                runs.append({"label": report.label(method, weight), "method": method,
+                             "weight": weight, "harmful_ratio": p, "seed": seed, **metrics})  # fmt: skip
+    return runs
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_plot_has_a_legend_for_both_panels_and_says_what_the_error_bars_are(seeds):
+    import matplotlib.pyplot as plt
+
+    from safegrad_kernels.demo import report
+
+    summary = report.summarize(_synthetic_runs(seeds))
+    aligned = {"harmful_score": 0.0, "finetune_accuracy": 0.02}
+    fig = report.figure(summary, aligned)
+    try:
+        assert len(fig.legends) == 1  # beside both panels, HS included
+        names = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert names == ["aligned model, before fine-tuning", "sft", "safegrad rho=1"]
+        assert "both panels" in fig.legends[0].get_title().get_text()
+        caption = " ".join(t.get_text() for t in fig.texts)
+        if seeds == 3:
+            assert "Error bars: sample std over 3 seeds." in caption
+        else:
+            assert "One seed: no error bars" in caption
+        # The reference line is explained: the aligned model has not learned the task.
+        assert "aligned model before any user fine-tuning (HS 0%, FA 2%)" in caption
+        assert "not been taught the sentiment task" in caption
+    finally:
+        plt.close(fig)
+    assert caption == report.caption(summary, aligned)  # report.md carries the same text
+
+
+def test_start_line_gives_the_work_the_expected_duration_and_the_output_folder():
+    from safegrad_kernels.demo import _grid, _settings, add_arguments, start_line
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    s = _settings(parser.parse_args([]))
+    grid = _grid(s)
+    line = start_line(s, grid, 150, parser.get_default("out"))
+    assert line.startswith("safegrad demo: 90 fine-tuning runs (sft, mixed, safegrad, spf;")
+    assert "of 150 steps each" in line and line.endswith("Output: safegrad_demo_out/")
+    # The estimate comes from the recorded default run's costs: it must predict that run.
+    import re
+    from pathlib import Path
+
+    minutes, build = re.search(r"Expected: about (\d+) min \(\+(\d+) s to build", line).groups()
+    docs = Path(__file__).resolve().parents[1] / "docs" / "demo" / "results.json"
+    recorded = json.loads(docs.read_text())["meta"]["runtime_s"]  # with --no-cache
+    assert abs(60 * int(minutes) + int(build) - recorded) <= 0.1 * recorded, (line, recorded)
+
+
+def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
     from safegrad_kernels.demo import add_arguments, run
 
     monkeypatch.setenv("SAFEGRAD_CACHE", str(tmp_path / "cache"))  # cold cache, as in CI
@@ -137,6 +198,9 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch):
     quick = ["--quick", "--out", str(out), "--no-progress"]  # one thread by default
     args = parser.parse_args(quick)
     results = run(args)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("safegrad demo: 8 fine-tuning runs") and "Expected: about" in first
+    assert first.endswith(f"Output: {out}/")
 
     on_disk = json.loads((out / "results.json").read_text())
     assert set(on_disk) == {"meta", "aligned", "summary", "runs"}

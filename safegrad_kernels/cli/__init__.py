@@ -1,4 +1,4 @@
-"""The ``safegrad`` command: ``info | demo | train | eval``, one module per command.
+"""The ``safegrad`` command: ``info | demo | train | eval | example``, one module per command.
 
 A command module declares ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> exit code``; the work is library code (``environment``, ``training_run``,
@@ -6,8 +6,12 @@ A command module declares ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 demo's plotting) are imported only by the command that runs, so ``safegrad --help`` and
 ``safegrad info`` need nothing but torch.
 
-Exit codes: 0 success; 2 bad arguments or bad data, told in one line (the message names the
-file, line and field), never a traceback; 1 an unavailable backend or demo.
+Exit codes: 0 success; 2 bad arguments, paths or data, told in one line (the message names
+the flag and path, or the file, line and field), never a traceback; 1 an unavailable
+backend or demo.
+
+Offline: ``main`` sets the hub's offline switches before any command imports transformers
+(``hf_loading.enable_offline_mode``); model, adapter and judge flags take local folders only.
 """
 
 from __future__ import annotations
@@ -20,25 +24,29 @@ from collections.abc import Sequence
 from .. import BackendUnavailable
 from ..data import DataError
 from ..environment import collect_info
+from ..hf_loading import enable_offline_mode
 from . import demo as demo_command
 from . import eval as eval_command
+from . import example as example_command
 from . import info as info_command
 from . import train as train_command
-from .args import DefaultsFormatter
+from .args import BriefErrorParser, DefaultsFormatter
 
 __all__ = ["build_parser", "collect_info", "main"]
 
-COMMANDS = (info_command, demo_command, train_command, eval_command)
+COMMANDS = (info_command, demo_command, train_command, eval_command, example_command)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The argument parser, holding the options of ``command`` (None: of every command whose
     options import nothing more, i.e. all but the demo's)."""
-    parser = argparse.ArgumentParser(
+    parser = BriefErrorParser(
         prog="safegrad",
         description="Gradient-surgery kernels and safe LoRA fine-tuning (SafeGrad, SPF, PCGrad).",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=BriefErrorParser
+    )
     for module in COMMANDS:
         sub_parser = sub.add_parser(
             module.NAME,
@@ -50,11 +58,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if command == module.NAME or (command is None and not only_when_chosen):
             module.add_arguments(sub_parser)
         sub_parser.set_defaults(handler=module.run)
+    if command in sub.choices:
+        parser.command = command
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``safegrad`` console script; returns the exit code."""
+    enable_offline_mode()  # before any command imports transformers / huggingface_hub
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from ..data import PROMPT_STYLES, check_ratio
 
 __all__ = [
+    "BriefErrorParser",
     "DefaultsFormatter",
     "add_model_arguments",
     "add_prompt_style",
@@ -51,6 +52,23 @@ non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 non_negative_float = _checked(float, lambda v: v >= 0, "a non-negative number")
 # check_ratio (the one definition of a valid ratio) raises DataError, a ValueError, otherwise.
 ratio = _checked(float, lambda v: check_ratio(v) == v, "a number in [0, 1]")
+
+
+class BriefErrorParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are the error line and where to find help.
+
+    argparse's own ``error`` prints the whole usage first (33 lines for ``safegrad train``)
+    and the one line that matters last; here it is two lines on stderr, exit code 2.
+    Subparsers inherit the class, so ``safegrad train --bad`` answers the same way.
+    """
+
+    # Set on the top-level parser to the chosen command: argparse reports unrecognised
+    # arguments from there, and the useful help is the command's.
+    command: str | None = None
+
+    def error(self, message: str) -> NoReturn:
+        where = f"{self.prog} {self.command}" if self.command else self.prog
+        self.exit(2, f"{where}: error: {message}\n(`{where} --help` for usage)\n")
 
 
 class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):

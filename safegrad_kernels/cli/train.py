@@ -61,12 +61,14 @@ def _add_io_arguments(io: Options) -> None:
     io.add_argument(
         "--overwrite",
         action="store_true",
-        help="start afresh in an --output-dir that holds checkpoints (deletes them)",
+        help="write into an --output-dir that is not a safegrad run (files with our names, "
+        "e.g. README.md, are replaced), or start afresh in one that holds checkpoints "
+        "(deletes them)",
     )
     io.add_argument(
         "--dry-run",
         action="store_true",
-        help="validate the data, draw the mixture, print the plan and stop (no model load)",
+        help="check the data, paths and output folder, print the plan and stop (loads nothing)",
     )
     io.add_argument(
         "--model-dtype",

@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "run", "start_line"]
 
 # Quick mode (CI smoke test, ~1 minute): a smaller model and a few steps of everything.
 # Its numbers mean nothing; it checks that every stage runs and every file is written.
@@ -36,6 +36,13 @@ QUICK = {
 }
 EVAL_SIZES = (25, 150, 120)  # harmful prompts per template group, sentiment, benign
 EVAL_SEED = 12_345
+# For the start line's estimate, from the default run of 2026-11-30 (docs/demo/results.json:
+# 745 s on an idle 2-core Xeon, one thread): user-stage ms per step by method, seconds per
+# run of evaluation and set-up, and the alignment stage (600 steps). A smaller model
+# (--quick) runs faster than this predicts; a busy machine slower.
+_MS_PER_STEP = {"sft": 30.0, "mixed": 54.0, "safegrad": 57.0, "spf": 35.0}
+_SECONDS_PER_RUN = 0.6
+_ALIGN_MS_PER_STEP = 78.0
 
 
 def _floats(text: str) -> list[float]:
@@ -140,6 +147,24 @@ def _grid(s: dict) -> list[tuple[str, float | None, float, int]]:
     return runs
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def start_line(s: dict, grid: list, steps_per_run: int, out: Path) -> str:
+    """What is about to run, how long it should take, and where the results go."""
+    user = sum(_MS_PER_STEP.get(method, 60.0) for method, *_ in grid) * steps_per_run / 1e3
+    user += _SECONDS_PER_RUN * len(grid)
+    align = _ALIGN_MS_PER_STEP * s["align"].steps / 1e3
+    return (
+        f"safegrad demo: {len(grid)} fine-tuning runs ({', '.join(s['methods'])}; p in "
+        f"{', '.join(f'{p:g}' for p in s['ratios'])}; {len(s['seeds'])} seed(s)) of "
+        f"{steps_per_run} steps each, after the aligned model (cached after the first run). "
+        f"Expected: about {_duration(user)} (+{_duration(align)} to build the aligned model "
+        f"the first time) on one idle CPU core; longer on a busy machine. Output: {out}/"
+    )
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the demo; write ``results.json``, ``report.md`` and ``plot.png`` to ``args.out``."""
     import torch
@@ -156,6 +181,10 @@ def run(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     tok = world.WordTokenizer()
     quiet = getattr(args, "no_progress", False)
+    grid = _grid(s)
+    uspec = s["user"]
+    steps_per_run = uspec.epochs * (uspec.samples // uspec.batch_size)
+    print(start_line(s, grid, steps_per_run, out), flush=True)
 
     with tqdm(total=s["align"].steps, desc="alignment stage", disable=quiet) as bar:
         state, stage = aligned_state(
@@ -167,9 +196,6 @@ def run(args: argparse.Namespace) -> dict:
     base = _aligned_metrics(state, tok, s, evals)
 
     warm_up_ops()
-    grid = _grid(s)
-    uspec = s["user"]
-    steps_per_run = uspec.epochs * (uspec.samples // uspec.batch_size)
     runs = []
     with tqdm(total=len(grid) * steps_per_run, desc="user stage", disable=quiet) as bar:
         for method, weight, p, seed in grid:

@@ -1,12 +1,11 @@
 """``python -m safegrad_kernels.demo [options]``: the same as ``safegrad demo``."""
 
-import argparse
-
+from ..cli.args import BriefErrorParser
 from . import add_arguments, run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
+    parser = BriefErrorParser(
         prog="python -m safegrad_kernels.demo",
         description="SafeGrad versus SFT, mixed and SPF on a toy aligned Llama (CPU, offline).",
     )

@@ -229,6 +229,8 @@ def write_markdown(path: Path, results: dict) -> None:
         "",
         f"![HS and FA versus p]({meta['plot']})",
         "",
+        caption(summary, aligned["metrics"]),
+        "",
         "## Observations (generated from the numbers)",
         "",
         *[f"- {o}" for o in observations(summary, aligned["metrics"])],
@@ -260,7 +262,29 @@ def write_markdown(path: Path, results: dict) -> None:
     path.write_text("\n".join(lines))
 
 
-def plot(path: Path, summary: list[dict], aligned: dict) -> None:
+def _seed_counts(summary: list[dict]) -> str:
+    counts = sorted({r["seeds"] for r in summary}) or [0]
+    return str(counts[0]) if counts[0] == counts[-1] else f"{counts[0]} to {counts[-1]}"
+
+
+def caption(summary: list[dict], aligned: dict) -> str:
+    """What the plot's error bars and reference line are (under the plot and in report.md)."""
+    seeds = _seed_counts(summary)
+    bars = (
+        f"Error bars: sample std over {seeds} seeds."
+        if seeds != "1"
+        else "One seed: no error bars (std needs two or more seeds)."
+    )
+    return (
+        f"{bars} Dotted grey: the aligned model before any user fine-tuning (HS "
+        f"{100 * aligned['harmful_score']:.0f}%, FA {100 * aligned['finetune_accuracy']:.0f}%): "
+        "it refuses harmful prompts and has not been taught the sentiment task yet, which is "
+        "why its FA line sits low. Fine-tuned runs should rise above it on FA and stay near "
+        "it on HS."
+    )
+
+
+def figure(summary: list[dict], aligned: dict):
     """HS and FA versus p, one line per method label, error bars = std over seeds."""
     import matplotlib
 
@@ -268,7 +292,7 @@ def plot(path: Path, summary: list[dict], aligned: dict) -> None:
     import matplotlib.pyplot as plt
 
     labels, _ = _labels_and_ratios(summary)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
     for ax, metric, title in (
         (axes[0], "harmful_score", "harmful score (lower is safer)"),
         (axes[1], "finetune_accuracy", "fine-tune accuracy"),
@@ -286,12 +310,29 @@ def plot(path: Path, summary: list[dict], aligned: dict) -> None:
                 capsize=3,
                 label=name,
             )
-        ax.axhline(100 * aligned[metric], color="grey", linestyle=":", label="aligned model")
+        ax.axhline(
+            100 * aligned[metric],
+            color="grey",
+            linestyle=":",
+            label="aligned model, before fine-tuning",
+        )
         ax.set_xlabel("harmful ratio p")
         ax.set_ylabel("%")
         ax.set_ylim(-5, 105)
         ax.set_title(title)
-    axes[1].legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
+    # One legend for both panels (same colours), beside them: inside either panel it hid
+    # data (HS spans 0-100% across p), and a legend on one panel only left the other unread.
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=8, title="method (both panels)")
+    fig.text(0.5, 0.01, caption(summary, aligned), ha="center", va="bottom", fontsize=8, wrap=True)
+    fig.tight_layout(rect=(0, 0.09, 0.8, 1))
+    return fig
+
+
+def plot(path: Path, summary: list[dict], aligned: dict) -> None:
+    """Save ``figure`` as ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(summary, aligned)
     fig.savefig(path, dpi=110)
     plt.close(fig)
