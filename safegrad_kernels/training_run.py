@@ -44,6 +44,7 @@ from .hf_loading import (
     load_tokenizer,
     weights_dtype,
 )
+from .surgery.methods import HYPERPARAMETERS, get_method
 
 __all__ = [
     "RESUME_INVARIANTS",
@@ -65,14 +66,9 @@ RESUME_INVARIANTS = (
     "mixture_sha256",
     "alignment_sha256",
     "method",
-    "rho",
-    "lam",
-    "spf_rank",
-    "spf_refresh_every",
-    "spf_mode",
+    *HYPERPARAMETERS,  # every method option of the registry
     "alignment_loss",
     "kl_positions",
-    "surgery_granularity",
     "lora_r",
     "lora_alpha",
     "lora_dropout",
@@ -129,7 +125,7 @@ def _load_data(args: argparse.Namespace) -> tuple[list[Example], list[Example], 
         harmful_source=args.harmful_data or "--harmful-data",
     )
     alignment: list[Example] = []
-    if args.method != "sft":
+    if get_method(args.method).needs_alignment:
         if not args.alignment_data:
             raise DataError(f"--alignment-data is required for --method {args.method}")
         pool = data.load_examples(args.alignment_data, role="alignment")
@@ -344,29 +340,14 @@ def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """SafeGradTrainer's method options; unset ones fall through to its own defaults."""
     kwargs = {
         "method": args.method,
-        "rho": args.rho,
-        "lam": args.lam,
-        "spf_rank": args.spf_rank,
-        "spf_refresh_every": args.spf_refresh_every or None,
-        "spf_mode": args.spf_mode,
+        **{name: getattr(args, name) for name in HYPERPARAMETERS},
         "alignment_loss": args.alignment_loss,
         "kl_positions": args.kl_positions,
         "alignment_batch_size": args.alignment_batch_size,
         "surgery_backend": args.surgery_backend,
-        "surgery_granularity": args.surgery_granularity,
         "cache_reference": args.cache_reference,
     }
     return {k: v for k, v in kwargs.items() if v is not None}
-
-
-# The method options the plan shows, per method (the rest do not act on that method);
-# the alignment options follow for every method that uses alignment data.
-_METHOD_OPTIONS = {
-    "sft": (),
-    "safegrad": ("rho", "surgery_granularity"),
-    "spf": ("spf_rank", "spf_refresh_every", "spf_mode"),
-    "mixed": ("lam",),
-}
 
 
 def _plan(
@@ -381,10 +362,12 @@ def _plan(
     bf16: bool,
 ) -> list[str]:
     """The plan of the run, printed before anything loads (and by ``--dry-run``)."""
-    method = {k: getattr(args, k) for k in _METHOD_OPTIONS[args.method]}
-    if args.method != "sft":
-        # SafeGradTrainer's default: ce for spf (its step-0 KL gradient is zero), else kl.
-        loss = args.alignment_loss or ("ce" if args.method == "spf" else "kl")
+    # The method's own options (the rest do not act on it), then the alignment options for
+    # every method that uses alignment data.
+    spec = get_method(args.method)
+    method = {h.name: getattr(args, h.name) for h in spec.hyperparameters}
+    if spec.needs_alignment:
+        loss = args.alignment_loss or spec.alignment_loss  # SafeGradTrainer's default
         method["alignment_loss"] = loss
         if loss == "kl":
             method["kl_positions"] = args.kl_positions
@@ -472,7 +455,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out_state=out_state, bf16=bf16,
     ):  # fmt: skip
         _say(line)
-    if args.method == "sft" and args.alignment_data:
+    if not get_method(args.method).needs_alignment and args.alignment_data:
         _say("note: --method sft ignores --alignment-data")
 
     if args.dry_run:
@@ -534,7 +517,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args=training_args,
         train_dataset=train_set,
         data_collator=data.SupervisedCollator(tokenizer.pad_token_id),
-        alignment_dataset=align_set if args.method != "sft" else None,
+        alignment_dataset=align_set if get_method(args.method).needs_alignment else None,
         **_method_kwargs(args),
     )
     # One readable line per logging step instead of the Trainer's dict of strings.

@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 
 from .. import training_run
+from ..surgery.methods import ALIGNMENT_LOSSES, HYPERPARAMETERS, Hyperparameter
+from ..surgery.methods import METHODS as _REGISTRY
 from .args import (
     Options,
     add_model_arguments,
     add_prompt_style,
     add_values,
     non_negative_float,
-    non_negative_int,
     positive_int,
     ratio,
 )
@@ -32,9 +33,33 @@ __all__ = ["HELP", "METHODS", "NAME", "add_arguments", "run"]
 NAME = "train"
 HELP = "LoRA fine-tuning of a local model with gradient surgery"
 
-# The same names as integrations.trainer.METHODS, which cannot be imported here without
-# importing transformers (seconds) for `safegrad --help`; a test checks they agree.
-METHODS = ("sft", "safegrad", "spf", "mixed")
+# The registry's names (the registry imports no transformers: `--help` stays fast).
+METHODS = tuple(_REGISTRY)
+
+
+def _flag(h: Hyperparameter) -> str:
+    return "--" + h.name.replace("_", "-")
+
+
+def _parse_hyperparameter(h: Hyperparameter):
+    """An argparse type that converts, then applies the registry's one check."""
+
+    def parse(text: str):
+        # On the command line an int option that is unset by default reads 0 as unset
+        # (SPF's --spf-refresh-every 0: the basis is computed once).
+        if h.default is None and h.type is int and text.strip() == "0":
+            return None
+        try:
+            value = h.type(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {h.type.__name__}, got {text!r}") from None
+        try:
+            return h.validate(value)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = h.type.__name__  # argparse names the type in its messages
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,29 +139,16 @@ def _add_method_arguments(method: Options) -> None:
     method.add_argument(
         "--method", choices=METHODS, default="safegrad", help="what happens to the task gradient"
     )
-    add_values(
-        method,
-        (
-            ("--rho", non_negative_float, 1.0, "weight of g_a added back (safegrad)"),
-            ("--lam", non_negative_float, 1.0, "alignment loss weight (mixed)"),
-            ("--spf-rank", positive_int, 8, "safety subspace rank per matrix (spf)"),
-            (
-                "--spf-refresh-every",
-                non_negative_int,
-                0,
-                "recompute the safety subspace every k optimizer steps (spf; 0: once, at step 0)",
-            ),
-        ),
-    )
-    method.add_argument(
-        "--spf-mode",
-        choices=("conflicting", "always"),
-        default="conflicting",
-        help="remove the subspace component only when it conflicts, or always (spf)",
-    )
+    # One option per registry hyperparameter: its name, type, default, choices and check.
+    for h in HYPERPARAMETERS.values():
+        unset = " (0 on the command line)" if h.default is None and h.type is int else ""
+        method.add_argument(
+            _flag(h), type=_parse_hyperparameter(h), default=h.default, choices=h.choices,
+            help=h.help + unset,
+        )  # fmt: skip
     method.add_argument(
         "--alignment-loss",
-        choices=("kl", "ce"),
+        choices=ALIGNMENT_LOSSES,
         help="KL to the adapter-free model, or cross-entropy on the refusals "
         "(default: kl; ce for spf, whose step-0 KL gradient is zero)",
     )
@@ -150,12 +162,6 @@ def _add_method_arguments(method: Options) -> None:
         "--alignment-batch-size",
         type=positive_int,
         help="alignment examples per micro-batch (default: --batch-size)",
-    )
-    method.add_argument(
-        "--surgery-granularity",
-        choices=("global", "per_tensor"),
-        default="global",
-        help="one projection over all LoRA tensors (the paper) or one per tensor",
     )
     method.add_argument(
         "--surgery-backend",
