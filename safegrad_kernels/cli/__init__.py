@@ -23,12 +23,13 @@ from ..environment import collect_info
 from . import demo as demo_command
 from . import eval as eval_command
 from . import info as info_command
+from . import study as study_command
 from . import train as train_command
 from .args import DefaultsFormatter
 
 __all__ = ["build_parser", "collect_info", "main"]
 
-COMMANDS = (info_command, demo_command, train_command, eval_command)
+COMMANDS = (info_command, demo_command, study_command, train_command, eval_command)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
