@@ -1,4 +1,4 @@
-"""The ``safegrad`` command: ``info | demo | train | eval | example``, one module per command.
+"""The ``safegrad`` command: ``info | demo | study | train | eval | example``, one module per command.
 
 A command module declares ``NAME``, ``HELP``, ``add_arguments(parser)`` and
 ``run(args) -> exit code``; the work is library code (``environment``, ``training_run``,
@@ -29,12 +29,13 @@ from . import demo as demo_command
 from . import eval as eval_command
 from . import example as example_command
 from . import info as info_command
+from . import study as study_command
 from . import train as train_command
 from .args import BriefErrorParser, DefaultsFormatter
 
 __all__ = ["build_parser", "collect_info", "main"]
 
-COMMANDS = (info_command, demo_command, train_command, eval_command, example_command)
+COMMANDS = (info_command, demo_command, study_command, train_command, eval_command, example_command)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

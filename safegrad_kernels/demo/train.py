@@ -245,10 +245,13 @@ def user_stage(
     harmful_ratio: float,
     seed: int,
     progress: Callable[[int], None] | None = None,
+    paired_batches: bool = False,
 ) -> tuple[torch.nn.Module, RunLog]:
     """Fine-tune a fresh adapter with ``method``; ``weight`` is its swept hyperparameter.
 
     (``swept(method)``: lambda for mixed, rho for safegrad; ignored by the others.)
+    ``paired_batches``: draw the user batches and the safety batches from two generators,
+    so that a seed fixes the user batch order whatever the method (``safegrad study``).
     """
     spec = registry.get_method(method)
     settings = {"spf_rank": uspec.spf_rank, "spf_refresh_every": uspec.spf_refresh_every}
@@ -278,7 +281,13 @@ def user_stage(
 
     gen = torch.Generator().manual_seed(seed)
     user_batches = _batches(user, uspec.batch_size, gen)
-    safety_batches = _batches(safety, min(uspec.batch_size, uspec.safety_samples), gen)
+    # --- paired design (issue 15): with one generator, every safety epoch's permutation
+    # shifts the user order from the second epoch on, so sft and spf (which draw fewer
+    # safety batches) saw other user batches than mixed and safegrad for the same seed.
+    # The default keeps the demo's published numbers reproducible.
+    safety_gen = torch.Generator().manual_seed(seed + 20_000) if paired_batches else gen
+    # ---
+    safety_batches = _batches(safety, min(uspec.batch_size, uspec.safety_samples), safety_gen)
     steps = uspec.epochs * (uspec.samples // uspec.batch_size)
     opt = torch.optim.AdamW(params, lr=uspec.lr, weight_decay=0.0)
 
