@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from . import compat
 from .data import DataError
 from .ops.dispatch import BackendUnavailable
 
@@ -81,6 +82,8 @@ def collect_info(*, aot: bool = False) -> dict[str, Any]:
             info["auto_backend"][device] = dispatch.resolve(None, torch.device(device)).name
         except Exception as exc:  # e.g. SAFEGRAD_BACKEND names an unavailable backend
             info["auto_backend"][device] = f"error: {exc}"
+    # Installed frameworks against the ranges pyproject.toml declares (compat.version_rows).
+    info["supported_ranges"] = [row._asdict() for row in compat.version_rows()]
     build_info = getattr(dispatch.get_backend("cpp"), "build_info", None)
     info["cpp_build"] = build_info() if callable(build_info) else None
     if aot:
@@ -94,6 +97,9 @@ def _print_info(info: dict[str, Any]) -> None:
         f"safegrad_kernels {info['safegrad_kernels']}  (python {info['python']}, {info['platform']})"
     )
     print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items()))
+    rows = (compat.VersionRow(**row) for row in info["supported_ranges"])
+    for line in compat.out_of_range_warnings(rows):
+        print(line)
     cuda = info["cuda"]
     gpus = ", ".join(cuda["devices"]) if cuda["available"] else "none"
     print(f"cpu: {info['cpu']['processor']}, {info['cpu']['threads']} torch threads; cuda: {gpus}")

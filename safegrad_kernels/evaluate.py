@@ -282,6 +282,8 @@ def moderation_flags(
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from .compat import forward_inputs
+
     path = args.moderation_model
     tokenizer = AutoTokenizer.from_pretrained(
         path, local_files_only=True, trust_remote_code=args.trust_remote_code
@@ -309,7 +311,8 @@ def moderation_flags(
             truncation=True,
         ).to(device)
         with torch.no_grad():
-            logits = judge(**batch).logits.float()
+            # The tokenizer may add keys this judge does not take (token_type_ids).
+            logits = judge(**forward_inputs(judge, batch)).logits.float()
         if multi_label:
             hit = (torch.sigmoid(logits[:, unsafe]) > args.moderation_threshold).any(dim=1)
         else:
