@@ -10,6 +10,8 @@ import os
 import platform
 from typing import Any
 
+from . import compat
+
 __all__ = ["collect_info"]
 
 _VERSIONED = ("torch", "triton", "transformers", "peft", "accelerate", "numpy")
@@ -83,6 +85,8 @@ def collect_info(*, aot: bool = False) -> dict[str, Any]:
     }
     build_info = getattr(dispatch.get_backend("cpp"), "build_info", None)
     info["cpp_build"] = build_info() if callable(build_info) else None
+    # Installed frameworks against the ranges pyproject.toml declares (compat.version_rows).
+    info["supported_ranges"] = [row._asdict() for row in compat.version_rows()]
     if aot:
         info["triton_aot"] = _aot_report()
     return info

@@ -12,6 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from .compat import forward_inputs
 from .data import DataError
 from .hf_loading import load_sequence_classifier, load_tokenizer
 
@@ -74,7 +75,8 @@ def moderation_flags(
             truncation=True,
         ).to(device)
         with torch.no_grad():
-            logits = judge(**batch).logits.float()
+            # The tokenizer may add keys this judge does not take (token_type_ids).
+            logits = judge(**forward_inputs(judge, batch)).logits.float()
         if multi_label:
             hit = (torch.sigmoid(logits[:, unsafe]) > threshold).any(dim=1)
         else:

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from .. import compat
 from ..environment import collect_info
 
 __all__ = ["HELP", "NAME", "add_arguments", "run"]
@@ -30,6 +31,9 @@ def _print_info(info: dict[str, Any]) -> None:
         f"safegrad_kernels {info['safegrad_kernels']}  (python {info['python']}, {info['platform']})"
     )
     print("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in versions.items()))
+    rows = (compat.VersionRow(**row) for row in info["supported_ranges"])
+    for line in compat.out_of_range_warnings(rows):
+        print(line)
     cuda = info["cuda"]
     gpus = ", ".join(cuda["devices"]) if cuda["available"] else "none"
     print(f"cpu: {info['cpu']['processor']}, {info['cpu']['threads']} torch threads; cuda: {gpus}")

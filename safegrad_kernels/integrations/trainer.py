@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from ..compat import numpy_rng_state_globals
 from ..losses import (
     ReferenceCache,
     kl_alignment_loss,
@@ -76,6 +77,26 @@ __all__ = ["METHODS", "SafeGradTrainer"]
 METHODS = tuple(_REGISTRY)
 # Stats whose log name says more than the field name (SafeGradStats.conflict is 0/1).
 _STAT_LOG_NAMES = {"conflict": "conflict_rate"}
+
+
+def _checkpointing_requested(args: Any) -> bool:
+    # transformers 5 renamed the flag to activation_checkpointing (the old name mirrors it).
+    return bool(getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing)
+
+
+def _let_gradients_reach_checkpoints(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad, as checkpointing a LoRA model needs.
+
+    With every base weight frozen, a checkpointed layer's inputs do not require grad; a
+    reentrant checkpoint (transformers 4.x's default) then returns outputs without a
+    grad_fn and backward fails ("element 0 of tensors does not require grad"; seen with
+    transformers 4.52 + peft 0.15). transformers 5 registers this hook itself when it
+    enables checkpointing; a second registration is harmless (the hook only sets
+    requires_grad). Models without the method (not a PreTrainedModel) are left alone.
+    """
+    enable = getattr(model, "enable_input_require_grads", None)
+    if callable(enable):
+        enable()
 
 
 class SafeGradTrainer(Trainer):
@@ -183,6 +204,8 @@ class SafeGradTrainer(Trainer):
                 "(use alignment_loss='ce' or wrap the model with peft)"
             )
         self.alignment_batch_size = alignment_batch_size or self.args.per_device_train_batch_size
+        if _checkpointing_requested(self.args):
+            _let_gradients_reach_checkpoints(self.model)
         self.reference_cache = (
             ReferenceCache(positions=kl_positions)
             if cache_reference and self._needs_reference
@@ -230,8 +253,9 @@ class SafeGradTrainer(Trainer):
 
     # -- checkpoints: the surgeon's state (SPF's basis and step counters) -------------------
 
-    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+    def _save_checkpoint(self, model: nn.Module, trial: Any, *args: Any, **kwargs: Any) -> None:
+        # 4.x passes `metrics=`, 5.x does not: whatever the caller gives, the parent takes.
+        super()._save_checkpoint(model, trial, *args, **kwargs)
         state = self._surgeon.state_dict() if self._surgeon is not None else {}
         if state and self.args.should_save:
             from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -250,6 +274,11 @@ class SafeGradTrainer(Trainer):
             self._surgeon.load_state_dict(state)
         else:  # applied when the surgeon is built, after the model has been placed
             self._pending_surgeon_state = state
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        # transformers 4.46 + torch >= 2.6 cannot read its own rng_state.pth (see there).
+        with numpy_rng_state_globals():
+            super()._load_rng_state(checkpoint)
 
     def get_alignment_dataloader(self, epoch: int | None = None) -> DataLoader:
         """Loader over ``(indices, batch)`` for alignment pass ``epoch`` (default: the current).
@@ -291,11 +320,15 @@ class SafeGradTrainer(Trainer):
         )
         return steps * self.args.gradient_accumulation_steps
 
-    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device):
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, *args: Any, **kwargs: Any
+    ):
         # Called once per optimizer step with all of its micro-batches: the one place that
         # knows how many micro-batches follow, so the alignment side is planned here.
+        # `*args`: newer releases pass `device` (4.52 does, 4.46 does not); the caller and the
+        # parent come from the same release, so its arguments pass through unchanged.
         batch_samples, num_items_in_batch = super().get_batch_samples(
-            epoch_iterator, num_batches, device
+            epoch_iterator, num_batches, *args, **kwargs
         )
         if self._uses_alignment:
             due = self.method_spec.alignment_due(self.surgeon)
@@ -401,7 +434,8 @@ class SafeGradTrainer(Trainer):
         self._stat_sum += vec
         self._stat_steps += 1
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # `*args`: the start_time of newer releases (4.46 has none), passed through.
         # Training logs carry "loss"; this is the only place the device sums are read.
         if "loss" in logs and (self._stat_steps or self._align_steps):
             parts = [self._stat_sum] if self._stat_steps else []
@@ -419,7 +453,7 @@ class SafeGradTrainer(Trainer):
                 logs["align_loss"] = float(sums[n_stats]) / self._align_steps
                 self._align_sum = None
                 self._align_steps = 0
-        super().log(logs, start_time)
+        super().log(logs, *args, **kwargs)
 
     # -- accelerate: logged values are means over ranks (issue 11) -----------------------------
 
