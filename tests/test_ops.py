@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import safegrad_kernels as sk
-from safegrad_kernels.ops import compose
+from safegrad_kernels.ops import pipeline
 from safegrad_kernels.ops.dispatch import available_backends
 
 BACKENDS = [name for name, (ok, _) in available_backends("cpu").items() if ok]
@@ -451,7 +451,7 @@ def test_bad_input_mutates_nothing(backend):
 def test_backend_selection(monkeypatch):
     g, r = [torch.randn(5)], [torch.randn(5)]
     monkeypatch.setenv("SAFEGRAD_BACKEND", "torch")
-    assert compose is not None and sk.dot_norms(g, r).shape == (3,)
+    assert pipeline is not None and sk.dot_norms(g, r).shape == (3,)
     monkeypatch.setenv("SAFEGRAD_BACKEND", "nope")
     with pytest.raises(ValueError, match="unknown backend"):
         sk.dot_norms(g, r)
@@ -460,6 +460,13 @@ def test_backend_selection(monkeypatch):
 
 
 # --- torch.library / torch.compile / host sync --------------------------------------------
+
+
+def test_every_schema_comes_from_the_definition_module():
+    from safegrad_kernels.ops import library
+
+    for name, schema in {**library.PUBLIC_OPS, **library.CPP_KERNEL_OPS}.items():
+        assert str(getattr(torch.ops.safegrad, name).default._schema) == f"safegrad::{name}{schema}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
