@@ -8,6 +8,7 @@ validation, determinism, opcheck, torch.compile and the absence of host syncs.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 
 import pytest
@@ -457,6 +458,29 @@ def test_backend_selection(monkeypatch):
         sk.dot_norms(g, r)
     # An explicit backend beats the environment variable.
     assert sk.dot_norms(g, r, backend="torch").shape == (3,)
+
+
+def test_backends_load_lazily_one_by_one():
+    """Importing loads no backend (nor triton, nor the C++ toolchain); asking for one loads it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "import safegrad_kernels as sk\n"
+        "def loaded():\n"
+        "    return sorted(m.rsplit('.', 1)[1] for m in sys.modules\n"
+        "                  if m.startswith('safegrad_kernels.ops.') and m.endswith('_backend'))\n"
+        "print(loaded(), 'triton' in sys.modules, 'torch.utils.cpp_extension' in sys.modules)\n"
+        "sk.dot_norms([torch.ones(3)], [torch.ones(3)], backend='torch')\n"
+        "print(loaded())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SAFEGRAD_BACKEND"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["[] False False", "['torch_backend']"]
 
 
 # --- torch.library / torch.compile / host sync --------------------------------------------

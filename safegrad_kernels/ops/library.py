@@ -105,7 +105,7 @@ def _combine(
     n = len(out)
     # The number of lists given follows from the counts (as in the C++ kernel op); with
     # no tensors at all only the weights can say it.
-    given = len(tensors) // n if n else max(weights.shape[0] - out_is_first, 0)
+    given = len(tensors) // n if n else max(weights.numel() - out_is_first, 0)
     pipeline.combine_(out, _split(tensors, given, n), weights, out_is_first, backend)
 
 
