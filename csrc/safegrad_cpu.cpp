@@ -49,15 +49,24 @@ void check_same_shapes(const char* name, TensorList list, const char* ref_name, 
   }
 }
 
-// grads and refs: each one dtype, equally long, pairwise equal shapes; returns their dtypes
-// (as a pair, not for structured bindings: C++17 lambdas cannot capture those).
-std::pair<c10::ScalarType, c10::ScalarType> check_pair_lists(TensorList grads, TensorList refs) {
+using DtypePair = std::pair<c10::ScalarType, c10::ScalarType>;
+
+// grads and refs: each one dtype, equally long, pairwise equal shapes; returns their dtypes.
+DtypePair check_pair_lists(TensorList grads, TensorList refs) {
   const auto gdtype = check_list("grads", grads);
   const auto rdtype = check_list("refs", refs);
   TORCH_CHECK(grads.size() == refs.size(), "grads has ", grads.size(), " tensors but refs has ",
               refs.size());
   check_same_shapes("refs", refs, "grads", grads);
   return {gdtype, rdtype};
+}
+
+// Calls fn(G{}, R{}) with the dtype tags of grads and refs: one instantiation per pair.
+template <class Fn>
+void with_pair_dtypes(DtypePair dtypes, Fn&& fn) {
+  with_dtype(dtypes.first, "grads", [&](auto gt) {
+    with_dtype(dtypes.second, "refs", [&](auto rt) { fn(gt, rt); });
+  });
 }
 
 std::vector<int64_t> numels_of(TensorList list) {
@@ -75,22 +84,19 @@ Tensor as_f32_vector(const char* name, const Tensor& t, int64_t n) {
 }
 
 Tensor dot_norms(TensorList grads, TensorList refs) {
-  const auto dtypes = check_pair_lists(grads, refs);
-  const c10::ScalarType gdtype = dtypes.first, rdtype = dtypes.second;
+  const DtypePair dtypes = check_pair_lists(grads, refs);
   const int64_t n = static_cast<int64_t>(grads.size());
   const ChunkTable table = make_chunks(numels_of(grads));
   std::vector<float> partial(3 * table.chunks.size());
 
-  with_dtype(gdtype, "grads", [&](auto gt) {
-    with_dtype(rdtype, "refs", [&](auto rt) {
-      using G = decltype(gt);
-      using R = decltype(rt);
-      for_each_chunk(table, [&](int64_t c) {
-        const Chunk& ch = table.chunks[c];
-        const auto* g = static_cast<const typename G::storage*>(grads[ch.tensor].const_data_ptr());
-        const auto* r = static_cast<const typename R::storage*>(refs[ch.tensor].const_data_ptr());
-        dot_norms_span<G, R>(g + ch.begin, r + ch.begin, ch.len, &partial[3 * c]);
-      });
+  with_pair_dtypes(dtypes, [&](auto gt, auto rt) {
+    using G = decltype(gt);
+    using R = decltype(rt);
+    for_each_chunk(table, [&](int64_t c) {
+      const Chunk& ch = table.chunks[c];
+      const auto* g = static_cast<const typename G::storage*>(grads[ch.tensor].const_data_ptr());
+      const auto* r = static_cast<const typename R::storage*>(refs[ch.tensor].const_data_ptr());
+      dot_norms_span<G, R>(g + ch.begin, r + ch.begin, ch.len, &partial[3 * c]);
     });
   });
 
@@ -109,8 +115,7 @@ Tensor dot_norms(TensorList grads, TensorList refs) {
 }
 
 void axpy_(TensorList grads, TensorList refs, const Tensor& coef) {
-  const auto dtypes = check_pair_lists(grads, refs);
-  const c10::ScalarType gdtype = dtypes.first, rdtype = dtypes.second;
+  const DtypePair dtypes = check_pair_lists(grads, refs);
   const int64_t n = static_cast<int64_t>(grads.size());
   // coef lives on the CPU, so reading it here is a memory load, not a device sync. A zero
   // coefficient drops the tensor from the chunk table: it is neither read nor written
@@ -122,16 +127,14 @@ void axpy_(TensorList grads, TensorList refs, const Tensor& coef) {
   const ChunkTable table = make_chunks(numels_of(grads), &skip);
   if (table.chunks.empty()) return;
 
-  with_dtype(gdtype, "grads", [&](auto gt) {
-    with_dtype(rdtype, "refs", [&](auto rt) {
-      using G = decltype(gt);
-      using R = decltype(rt);
-      for_each_chunk(table, [&](int64_t k) {
-        const Chunk& ch = table.chunks[k];
-        auto* g = static_cast<typename G::storage*>(grads[ch.tensor].mutable_data_ptr());
-        const auto* r = static_cast<const typename R::storage*>(refs[ch.tensor].const_data_ptr());
-        axpy_span<G, R>(g + ch.begin, r + ch.begin, c[ch.tensor], ch.len);
-      });
+  with_pair_dtypes(dtypes, [&](auto gt, auto rt) {
+    using G = decltype(gt);
+    using R = decltype(rt);
+    for_each_chunk(table, [&](int64_t k) {
+      const Chunk& ch = table.chunks[k];
+      auto* g = static_cast<typename G::storage*>(grads[ch.tensor].mutable_data_ptr());
+      const auto* r = static_cast<const typename R::storage*>(refs[ch.tensor].const_data_ptr());
+      axpy_span<G, R>(g + ch.begin, r + ch.begin, c[ch.tensor], ch.len);
     });
   });
 }
