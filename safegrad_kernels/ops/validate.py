@@ -14,9 +14,10 @@
 A bad call raises a ``TypeError``/``ValueError`` that names the argument and index and
 leaves every gradient untouched. Checks read only metadata (shapes, dtypes, devices,
 strides, storage addresses): no host synchronisation. The fake kernels in
-``ops.library`` check nothing (shapes only), and the ``TORCH_CHECK``s in
-``csrc/safegrad_cpu.cpp`` are a cheap safety net for memory safety when a ``cpp_*``
-kernel op is called directly; neither replaces these checks.
+``ops.library`` only place their outputs (a shape, and the inputs' one device from
+:func:`common_device`), and the ``TORCH_CHECK``s in ``csrc/safegrad_cpu.cpp`` are a
+cheap safety net for memory safety when a ``cpp_*`` kernel op is called directly;
+neither replaces these checks.
 """
 
 from __future__ import annotations
