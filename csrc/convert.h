@@ -145,6 +145,10 @@ struct F32 {
 #endif
 };
 
+// BF16 and F16 are twins on purpose: they differ only in the conversion pair they call.
+// Folding them into a template over a conversion tag (sketched, not kept) takes about as
+// many lines (two tag structs replace one struct) and adds an indirection for a reader,
+// with nothing to gain at run time: every function here is force-inlined.
 struct BF16 {
   using storage = uint16_t;
   static SAFEGRAD_INLINE float load(uint16_t v) { return bf16_to_f32(uint32_t(v)); }

@@ -1,13 +1,20 @@
-// CPU implementations of the safegrad multi-tensor ops, registered with the dispatcher.
+// CPU implementations of the safegrad::cpp_* kernel ops, registered with the dispatcher.
 //
-// Each op takes whole tensor lists of one dtype group (the Python op layer has already
-// validated and grouped them); the checks here only guard memory safety when an op is
-// called directly through torch.ops.safegrad.
+// The ops' schemas and fake kernels are defined in Python, in the one definition module
+// safegrad_kernels/ops/library.py; this file only registers implementations
+// (TORCH_LIBRARY_IMPL), as torchao does. Each op takes whole tensor lists of one dtype
+// group, already validated and grouped by the Python op pipeline.
+//
+// Which check is which: the authoritative validation (argument names and indices as the
+// caller wrote them, overlap, scalars) is safegrad_kernels/ops/validate.py, run once per
+// call before any backend is chosen. The TORCH_CHECKs here are a cheap safety net: they
+// only guard memory safety when a cpp_* op is called directly through torch.ops.safegrad.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "chunks.h"
@@ -42,6 +49,26 @@ void check_same_shapes(const char* name, TensorList list, const char* ref_name, 
   }
 }
 
+using DtypePair = std::pair<c10::ScalarType, c10::ScalarType>;
+
+// grads and refs: each one dtype, equally long, pairwise equal shapes; returns their dtypes.
+DtypePair check_pair_lists(TensorList grads, TensorList refs) {
+  const auto gdtype = check_list("grads", grads);
+  const auto rdtype = check_list("refs", refs);
+  TORCH_CHECK(grads.size() == refs.size(), "grads has ", grads.size(), " tensors but refs has ",
+              refs.size());
+  check_same_shapes("refs", refs, "grads", grads);
+  return {gdtype, rdtype};
+}
+
+// Calls fn(G{}, R{}) with the dtype tags of grads and refs: one instantiation per pair.
+template <class Fn>
+void with_pair_dtypes(DtypePair dtypes, Fn&& fn) {
+  with_dtype(dtypes.first, "grads", [&](auto gt) {
+    with_dtype(dtypes.second, "refs", [&](auto rt) { fn(gt, rt); });
+  });
+}
+
 std::vector<int64_t> numels_of(TensorList list) {
   std::vector<int64_t> out(list.size());
   for (size_t i = 0; i < list.size(); ++i) out[i] = list[i].numel();
@@ -57,25 +84,19 @@ Tensor as_f32_vector(const char* name, const Tensor& t, int64_t n) {
 }
 
 Tensor dot_norms(TensorList grads, TensorList refs) {
-  const auto gdtype = check_list("grads", grads);
-  const auto rdtype = check_list("refs", refs);
-  TORCH_CHECK(grads.size() == refs.size(), "grads has ", grads.size(), " tensors but refs has ",
-              refs.size());
-  check_same_shapes("refs", refs, "grads", grads);
+  const DtypePair dtypes = check_pair_lists(grads, refs);
   const int64_t n = static_cast<int64_t>(grads.size());
   const ChunkTable table = make_chunks(numels_of(grads));
   std::vector<float> partial(3 * table.chunks.size());
 
-  with_dtype(gdtype, "grads", [&](auto gt) {
-    with_dtype(rdtype, "refs", [&](auto rt) {
-      using G = decltype(gt);
-      using R = decltype(rt);
-      for_each_chunk(table, [&](int64_t c) {
-        const Chunk& ch = table.chunks[c];
-        const auto* g = static_cast<const typename G::storage*>(grads[ch.tensor].const_data_ptr());
-        const auto* r = static_cast<const typename R::storage*>(refs[ch.tensor].const_data_ptr());
-        dot_norms_span<G, R>(g + ch.begin, r + ch.begin, ch.len, &partial[3 * c]);
-      });
+  with_pair_dtypes(dtypes, [&](auto gt, auto rt) {
+    using G = decltype(gt);
+    using R = decltype(rt);
+    for_each_chunk(table, [&](int64_t c) {
+      const Chunk& ch = table.chunks[c];
+      const auto* g = static_cast<const typename G::storage*>(grads[ch.tensor].const_data_ptr());
+      const auto* r = static_cast<const typename R::storage*>(refs[ch.tensor].const_data_ptr());
+      dot_norms_span<G, R>(g + ch.begin, r + ch.begin, ch.len, &partial[3 * c]);
     });
   });
 
@@ -94,11 +115,7 @@ Tensor dot_norms(TensorList grads, TensorList refs) {
 }
 
 void axpy_(TensorList grads, TensorList refs, const Tensor& coef) {
-  const auto gdtype = check_list("grads", grads);
-  const auto rdtype = check_list("refs", refs);
-  TORCH_CHECK(grads.size() == refs.size(), "grads has ", grads.size(), " tensors but refs has ",
-              refs.size());
-  check_same_shapes("refs", refs, "grads", grads);
+  const DtypePair dtypes = check_pair_lists(grads, refs);
   const int64_t n = static_cast<int64_t>(grads.size());
   // coef lives on the CPU, so reading it here is a memory load, not a device sync. A zero
   // coefficient drops the tensor from the chunk table: it is neither read nor written
@@ -110,16 +127,14 @@ void axpy_(TensorList grads, TensorList refs, const Tensor& coef) {
   const ChunkTable table = make_chunks(numels_of(grads), &skip);
   if (table.chunks.empty()) return;
 
-  with_dtype(gdtype, "grads", [&](auto gt) {
-    with_dtype(rdtype, "refs", [&](auto rt) {
-      using G = decltype(gt);
-      using R = decltype(rt);
-      for_each_chunk(table, [&](int64_t k) {
-        const Chunk& ch = table.chunks[k];
-        auto* g = static_cast<typename G::storage*>(grads[ch.tensor].mutable_data_ptr());
-        const auto* r = static_cast<const typename R::storage*>(refs[ch.tensor].const_data_ptr());
-        axpy_span<G, R>(g + ch.begin, r + ch.begin, c[ch.tensor], ch.len);
-      });
+  with_pair_dtypes(dtypes, [&](auto gt, auto rt) {
+    using G = decltype(gt);
+    using R = decltype(rt);
+    for_each_chunk(table, [&](int64_t k) {
+      const Chunk& ch = table.chunks[k];
+      auto* g = static_cast<typename G::storage*>(grads[ch.tensor].mutable_data_ptr());
+      const auto* r = static_cast<const typename R::storage*>(refs[ch.tensor].const_data_ptr());
+      axpy_span<G, R>(g + ch.begin, r + ch.begin, c[ch.tensor], ch.len);
     });
   });
 }
@@ -248,15 +263,9 @@ void combine_(TensorList out, TensorList tensors, const Tensor& weights, bool ou
 }  // namespace
 }  // namespace safegrad
 
-TORCH_LIBRARY_FRAGMENT(safegrad, m) {
-  // Fake (meta) kernels for torch.compile / opcheck live in this Python module.
-  m.set_python_module("safegrad_kernels.ops.cpp_backend");
-  m.def("cpp_dot_norms(Tensor[] grads, Tensor[] refs) -> Tensor");
-  m.def("cpp_axpy_(Tensor(a!)[] grads, Tensor[] refs, Tensor coef) -> ()");
-  m.def("cpp_gram(Tensor[] tensors, int m) -> Tensor");
-  m.def("cpp_combine_(Tensor(a!)[] out, Tensor[] tensors, Tensor weights, bool out_is_first) -> ()");
-}
-
+// Implementations only: the schemas (and fakes) are safegrad_kernels/ops/library.py's.
+// The dispatcher accepts these before or after the schemas are defined, so this library
+// may be loaded before or after the Python package is imported.
 TORCH_LIBRARY_IMPL(safegrad, CPU, m) {
   m.impl("cpp_dot_norms", &safegrad::dot_norms);
   m.impl("cpp_axpy_", &safegrad::axpy_);

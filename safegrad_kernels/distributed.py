@@ -6,12 +6,13 @@ locally with coefficients computed from those numbers. With DTensor gradients
 (FSDP2, tensor parallelism) no rank holds every element, so an op
 
 1. calls :func:`localize` to swap each DTensor for its local tensor (no copy),
-2. runs the ordinary single-device kernels on the local tensors, per tensor,
-3. joins the per-tensor partial sums with :func:`all_reduce_sums` (or a local Gram
-   with :func:`all_reduce_gram`): one small collective of ``n x k`` floats, never of
+2. runs the ordinary single-device pipeline (``ops.pipeline``) on the local tensors,
+   whose sums stage gives per-tensor partial sums,
+3. where the pipeline joins those with :func:`all_reduce_sums` (or a local Gram with
+   :func:`all_reduce_gram`): one small collective of ``n x k`` floats, never of
    gradient data,
-4. computes the coefficients on the device from the global sums (identical on every
-   rank) and applies the update to the local tensors.
+4. and then computes the coefficients on the device from the global sums (identical
+   on every rank) and applies the update to the local tensors.
 
 **Counting each element once.** On each mesh dimension a placement either splits the
 elements (``Shard``, and the ``_StridedShard`` that FSDP2 + TP produce) or repeats them
@@ -67,7 +68,7 @@ touched when a DTensor is actually passed in.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -334,27 +335,14 @@ def all_reduce_sums(per_tensor_sums: Tensor, info: ShardInfo) -> Tensor:
     return _all_reduce(torch.where(w.unsqueeze(1) != 0, per_tensor_sums, 0.0), info)
 
 
-def all_reduce_gram(
-    local_lists: Sequence[Sequence[Tensor]],
-    info: ShardInfo,
-    gram: Callable[[list[list[Tensor]]], Tensor],
-) -> Tensor:
-    """The global ``[m, m]`` Gram matrix of m lists of local pieces.
+def all_reduce_gram(local_gram: Tensor, info: ShardInfo) -> Tensor:
+    """The global ``[m, m]`` Gram matrix from this rank's share of it.
 
-    Weights are 0 or 1, so this rank's weighted contribution is simply ``gram`` of the
-    contributing indices (:meth:`ShardInfo.select`); ``gram`` is the single-device op.
-    A rank that counts no index contributes zeros of the right shape and device.
+    Weights are 0 or 1, so this rank's weighted contribution is simply the Gram matrix
+    of the indices it counts, :meth:`ShardInfo.select` of the local lists (zeros when it
+    counts none); that is what ``local_gram`` must be.
     """
-    m = len(local_lists)
-    subset = info.select(local_lists)
-    if subset[0]:
-        local = gram(subset)
-    else:
-        device = next(
-            (t.device for lst in local_lists for t in lst), torch.device(info.mesh.device_type)
-        )
-        local = torch.zeros(m, m, dtype=torch.float32, device=device)
-    return _all_reduce(local, info)
+    return _all_reduce(local_gram, info)
 
 
 def gather_whole(t: Tensor | None) -> Tensor | None:

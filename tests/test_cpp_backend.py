@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from safegrad_kernels.ops import cpp_backend
+from safegrad_kernels.ops import cpp_backend, library
 from safegrad_kernels.ops.torch_backend import TorchBackend
 
 BACKEND = cpp_backend.BACKEND
@@ -260,6 +260,61 @@ def test_opcheck(case):
     torch.library.opcheck(op, args)
 
 
+def test_schemas_come_from_the_python_definition_module():
+    """csrc/ registers implementations only; each schema is the one ops.library defines."""
+    assert set(cpp_backend.KERNEL_OPS) == set(library.CPP_KERNEL_OPS)
+    source = (cpp_backend.sources_dir() / "safegrad_cpu.cpp").read_text()
+    assert "m.def(" not in source and "TORCH_LIBRARY_IMPL(safegrad, CPU, m)" in source
+
+
+def test_extension_loaded_before_the_package_works(tmp_path):
+    """Loading the compiled library first and importing the package (the schemas) second."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    info = BACKEND.build_info()
+    if "build_dir" not in info:
+        pytest.skip("the extension was loaded by hand in this process: no build to point at")
+    so = Path(info["build_dir"]) / f"{info['name']}.so"
+    probe = (
+        "import sys, torch\n"
+        "torch.ops.load_library(sys.argv[1])\n"
+        "import safegrad_kernels as sk\n"
+        "from safegrad_kernels.ops import cpp_backend\n"
+        "assert cpp_backend.BACKEND.available() == (True, '')\n"
+        "assert 'build_dir' not in cpp_backend.BACKEND.build_info(), 'rebuilt, not found'\n"
+        "g, r = [torch.ones(5), torch.ones(2, 3)], [torch.full((5,), 2.0), torch.ones(2, 3)]\n"
+        "torch.library.opcheck(torch.ops.safegrad.cpp_dot_norms.default, (g, r))\n"
+        "print(torch.ops.safegrad.cpp_dot_norms(g, r).tolist())\n"
+        "print(sk.dot_norms(g, r, backend='cpp').tolist())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(so)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows, sums = out.stdout.strip().splitlines()[-2:]
+    assert rows == "[[10.0, 20.0, 5.0], [6.0, 6.0, 6.0]]"
+    assert sums == "[16.0, 26.0, 11.0]"
+
+
+def test_build_name_follows_sources_and_flags(tmp_path):
+    """A changed header, source or flag gives a new build directory (no stale .so)."""
+    import shutil
+
+    src = tmp_path / "csrc"
+    shutil.copytree(cpp_backend.sources_dir(), src)
+    name = cpp_backend._build_name(src, ["-O3"])
+    assert cpp_backend._build_name(src, ["-O3"]) == name
+    names = {name}
+    for file in ("kernels.h", "safegrad_cpu.cpp"):
+        path = src / file
+        path.write_text(path.read_text() + "\n// edited\n")
+        names.add(cpp_backend._build_name(src, ["-O3"]))
+    names.add(cpp_backend._build_name(src, ["-O2"]))
+    assert len(names) == 4
+
+
 def test_kernel_errors_name_the_argument():
     with pytest.raises(RuntimeError, match="refs"):
         torch.ops.safegrad.cpp_dot_norms([torch.randn(3)], [torch.randn(4)])
@@ -290,6 +345,7 @@ src, flags, name, path = sys.argv[1], sys.argv[2].split(), sys.argv[3], sys.argv
 sources = [str(p) for p in sorted(__import__("pathlib").Path(src).glob("*.cpp"))]
 cpp_extension.load(name=name, sources=sources, extra_cflags=flags, extra_include_paths=[src],
                    is_python_module=False, verbose=False)
+import safegrad_kernels.ops.library  # the schemas, defined after the kernels registered
 ops = torch.ops.safegrad
 data = torch.load(path)
 out = {}

@@ -7,13 +7,14 @@ validation, determinism, opcheck, torch.compile and the absence of host syncs.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 import torch
 
 import safegrad_kernels as sk
-from safegrad_kernels.ops import compose
+from safegrad_kernels.ops import pipeline
 from safegrad_kernels.ops.dispatch import available_backends
 
 BACKENDS = [name for name, (ok, _) in available_backends("cpu").items() if ok]
@@ -450,7 +451,7 @@ def test_bad_input_mutates_nothing(backend):
 def test_backend_selection(monkeypatch):
     g, r = [torch.randn(5)], [torch.randn(5)]
     monkeypatch.setenv("SAFEGRAD_BACKEND", "torch")
-    assert compose is not None and sk.dot_norms(g, r).shape == (3,)
+    assert pipeline is not None and sk.dot_norms(g, r).shape == (3,)
     monkeypatch.setenv("SAFEGRAD_BACKEND", "nope")
     with pytest.raises(ValueError, match="unknown backend"):
         sk.dot_norms(g, r)
@@ -458,7 +459,37 @@ def test_backend_selection(monkeypatch):
     assert sk.dot_norms(g, r, backend="torch").shape == (3,)
 
 
+def test_backends_load_lazily_one_by_one():
+    """Importing loads no backend (nor triton, nor the C++ toolchain); asking for one loads it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "import safegrad_kernels as sk\n"
+        "def loaded():\n"
+        "    return sorted(m.rsplit('.', 1)[1] for m in sys.modules\n"
+        "                  if m.startswith('safegrad_kernels.ops.') and m.endswith('_backend'))\n"
+        "print(loaded(), 'triton' in sys.modules, 'torch.utils.cpp_extension' in sys.modules)\n"
+        "sk.dot_norms([torch.ones(3)], [torch.ones(3)], backend='torch')\n"
+        "print(loaded())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SAFEGRAD_BACKEND"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["[] False False", "['torch_backend']"]
+
+
 # --- torch.library / torch.compile / host sync --------------------------------------------
+
+
+def test_every_schema_comes_from_the_definition_module():
+    from safegrad_kernels.ops import library
+
+    for name, schema in {**library.PUBLIC_OPS, **library.CPP_KERNEL_OPS}.items():
+        assert str(getattr(torch.ops.safegrad, name).default._schema) == f"safegrad::{name}{schema}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -232,6 +232,69 @@ def test_bad_configuration(kwargs, exc, match):
         SPF([torch.randn(4, 3, requires_grad=True)], **kwargs)
 
 
+def _one_step(spf, params, safety, task):
+    with spf.reference():
+        set_grad_by_backward(params, safety)
+    set_grad_by_backward(params, task)
+    return spf.step()
+
+
+def test_backend_is_the_one_asked_for(monkeypatch):
+    """SPF runs its fused reduction (||G||^2 of every matrix) on the backend it was given."""
+    from safegrad_kernels.ops.dispatch import get_backend
+
+    params, safety, task = make_problem(shapes=[(12, 5), (3, 20)])
+    kind = type(get_backend("torch"))
+    original, calls = kind.dot_norms, []
+
+    def counted(self, grads, refs):
+        calls.append(len(grads))
+        return original(self, grads, refs)
+
+    monkeypatch.setattr(kind, "dot_norms", counted)
+    stats = _one_step(SPF(params, rank=2, backend="torch"), params, safety, task)
+    assert calls == [4]  # one read of the four matrices' gradients; the bias is skipped
+    want = torch.stack([g.double().square().sum() for g in task[:-1]])
+    torch.testing.assert_close(stats.grad_norm_sq.double(), want, rtol=1e-5, atol=0)
+
+
+def test_unavailable_backend_raises_before_anything_changes(monkeypatch):
+    from safegrad_kernels import BackendUnavailable
+    from safegrad_kernels.ops import cpp_backend
+
+    monkeypatch.setenv(cpp_backend.DISABLE_ENV, "1")
+    params, safety, task = make_problem(shapes=[(12, 5), (3, 20)])
+    spf = SPF(params, rank=2, backend="cpp")
+    with spf.reference():
+        set_grad_by_backward(params, safety)
+    set_grad_by_backward(params, task)
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(BackendUnavailable, match="backend='cpp' is not available"):
+        spf.step()
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    # Nothing consumed and no refresh recorded: the same step can run once the backend can.
+    assert spf.has_captured() and spf.wants_reference
+    monkeypatch.delenv(cpp_backend.DISABLE_ENV)
+    if cpp_backend.BACKEND.available()[0]:  # a machine without a compiler stops here
+        assert spf.step().refreshed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_grad_norm_sq_per_matrix(dtype):
+    """float64 gradients (outside the fused ops' dtypes) and missing ones are covered too."""
+    params, safety, task = make_problem(dtype, shapes=[(12, 5), (3, 20)])
+    spf = SPF(params, rank=2)
+    with spf.reference():
+        set_grad_by_backward(params, safety)
+    set_grad_by_backward(params[1:], task[1:])  # matrix 0 gets no task gradient
+    stats = spf.step()
+    assert params[0].grad is None and stats.grad_norm_sq.dtype == torch.float32
+    want = torch.stack(
+        [torch.zeros((), dtype=torch.float64)] + [g.double().square().sum() for g in task[1:-1]]
+    )
+    torch.testing.assert_close(stats.grad_norm_sq.double(), want, rtol=1e-5, atol=0)
+
+
 def test_bad_params():
     with pytest.raises(ValueError, match="no weight matrix"):
         SPF([torch.randn(4, requires_grad=True)], rank=1)

@@ -45,8 +45,8 @@ except ImportError as err:  # pragma: no cover - exercised only without torchjd
     ) from err
 
 from ..ops import combine_, gram
-from ..ops.compose import coefficients
 from ..ops.pcgrad import _check_order, _random_order, pcgrad_coefficients, register_generator
+from ..ops.pipeline import coefficients
 from ..ops.validate import SUPPORTED_DTYPES, check_scalar
 from ..surgery.base import check_backend
 

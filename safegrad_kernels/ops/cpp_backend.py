@@ -1,5 +1,10 @@
 """C++ CPU backend: loads the ``csrc/`` extension and exposes it as a :class:`Backend`.
 
+The extension only registers CPU implementations of the ``safegrad::cpp_*`` kernel ops;
+their schemas and fakes are ``ops.library``'s, imported with the package. The order does
+not matter: a process that loaded the compiled extension by hand before importing the
+package works too, since the dispatcher takes an implementation before its schema.
+
 The extension is compiled just in time with ``torch.utils.cpp_extension.load`` (ninja)
 on first use and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``), so
 only the first call in a fresh environment pays the compile (~40 s on 2 cores).
@@ -29,12 +34,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .dispatch import Backend, register_backend
+from .backend import Backend, register_backend
 
 log = logging.getLogger(__name__)
 
 DISABLE_ENV = "SAFEGRAD_DISABLE_CPP"
-_OPS = ("cpp_dot_norms", "cpp_axpy_", "cpp_gram", "cpp_combine_")
+# The kernel ops this backend calls; their schemas and fakes are in ops.library.
+KERNEL_OPS = ("cpp_dot_norms", "cpp_axpy_", "cpp_gram", "cpp_combine_")
 # -O3 for the lane loops' vectorisation, OpenMP because ATen's parallel_for is OpenMP
 # here. No -ffast-math: the kernels spell out their summation order (see csrc/kernels.h).
 _BASE_FLAGS = ("-O3", "-fopenmp")
@@ -74,6 +80,21 @@ def _build_name(src: Path, flags: Sequence[str]) -> str:
         if path.suffix in (".cpp", ".h"):
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return f"safegrad_cpu_{digest.hexdigest()[:12]}"
+
+
+def kernels_registered() -> bool:
+    """Whether every ``safegrad::cpp_*`` op has a CPU kernel in this process (library loaded).
+
+    Not ``hasattr(torch.ops.safegrad, ...)``: ``ops.library`` defines the ops' schemas
+    whether or not the extension is loaded.
+    """
+    try:
+        return all(
+            torch._C._dispatch_has_kernel_for_dispatch_key(f"safegrad::{op}", "CPU")
+            for op in KERNEL_OPS
+        )
+    except RuntimeError:  # "operator ... does not exist": neither schema nor kernel yet
+        return False
 
 
 def _first_error_line(message: str) -> str:
@@ -128,9 +149,8 @@ class CppBackend(Backend):
         return ok, why
 
     def _build(self) -> tuple[bool, str]:
-        if all(hasattr(torch.ops.safegrad, op) for op in _OPS):
-            # Already in the process (e.g. loaded by another copy of this module).
-            _register_fakes()
+        if kernels_registered():
+            # Already in the process (loaded by hand, or by another copy of this module).
             return True, ""
         src = sources_dir()
         if src is None:
@@ -177,7 +197,8 @@ class CppBackend(Backend):
                 "compile_seconds": 0.0 if cached else seconds,
                 "load_seconds": seconds,
             }
-            _register_fakes()
+            if not kernels_registered():
+                return False, f"{name}.so loaded but registered no safegrad::cpp_* kernels"
             return True, ""
         return False, why
 
@@ -205,34 +226,6 @@ class CppBackend(Backend):
         rest = lists[1:] if out_is_first else lists
         flat = [t for tensors in rest for t in tensors]
         torch.ops.safegrad.cpp_combine_(out, flat, weights, out_is_first)
-
-
-_fakes_registered = False
-
-
-def _register_fakes() -> None:
-    """Shape-only kernels so torch.compile and opcheck can trace the C++ ops."""
-    global _fakes_registered
-    if _fakes_registered:
-        return
-
-    @torch.library.register_fake("safegrad::cpp_dot_norms")
-    def _(grads: list[Tensor], refs: list[Tensor]) -> Tensor:
-        return grads[0].new_empty((len(grads), 3), dtype=torch.float32)
-
-    @torch.library.register_fake("safegrad::cpp_axpy_")
-    def _(grads: list[Tensor], refs: list[Tensor], coef: Tensor) -> None:
-        return None
-
-    @torch.library.register_fake("safegrad::cpp_gram")
-    def _(tensors: list[Tensor], m: int) -> Tensor:
-        return tensors[0].new_empty((m, m), dtype=torch.float32)
-
-    @torch.library.register_fake("safegrad::cpp_combine_")
-    def _(out: list[Tensor], tensors: list[Tensor], weights: Tensor, out_is_first: bool) -> None:
-        return None
-
-    _fakes_registered = True
 
 
 BACKEND = register_backend(CppBackend())

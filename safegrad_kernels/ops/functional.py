@@ -1,32 +1,29 @@
 """The public multi-tensor ops.
 
-Each function normalises its arguments, hands DTensor shards to
-``safegrad_kernels.distributed`` (local partial sums, one all-reduce of a few
-floats, then a local update) and otherwise calls the ``safegrad::`` torch op defined
-in ``ops.library``. Nothing here reads a tensor value on the host.
+Each function does two things before the pipeline (``ops.pipeline``) takes over:
+
+1. **types**: the arguments become what the op schema declares (tensor lists, Python
+   floats, a weights tensor), with a ``TypeError`` naming the argument otherwise;
+2. **localize** (``safegrad_kernels.distributed``): DTensors become their local
+   tensors (no copy) plus a ``ShardInfo``.
+
+Plain tensors then go through the ``safegrad::`` custom op of ``ops.library`` (one
+node in a compiled graph); sharded ones call the same pipeline function directly with
+the ``ShardInfo``, which adds one all-reduce of a few floats between the sums and the
+update. Nothing here reads a tensor value on the host.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
 from .. import distributed
-from . import compose, library, validate
+from . import library, pipeline, validate
+from .pipeline import PAIR_NAMES, list_names
 
 __all__ = ["combine_", "dot_norms", "gram", "project_conflicting_"]
-
-
-def _pairs(grads: Sequence[Tensor], refs: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-    grads = validate.tensor_list("grads", grads)
-    refs = validate.tensor_list("refs", refs)
-    if len(grads) != len(refs):
-        raise ValueError(
-            f"grads has {len(grads)} tensors but refs has {len(refs)}; they must pair up"
-        )
-    return grads, refs
 
 
 def dot_norms(
@@ -48,12 +45,11 @@ def dot_norms(
         float32 ``[3]`` (or ``[n, 3]``) on the tensors' device; sums accumulate in fp32
         per chunk and in fp64 across chunks and tensors, in a fixed order.
     """
-    grads, refs = _pairs(grads, refs)
-    (grads, refs), info = distributed.localize(grads, refs, names=("grads", "refs"))
-    if info is None:
+    grads, refs = validate.tensor_list("grads", grads), validate.tensor_list("refs", refs)
+    (grads, refs), shard = distributed.localize(grads, refs, names=PAIR_NAMES)
+    if shard is None:
         return library.dot_norms(grads, refs, per_tensor, backend)
-    rows = distributed.all_reduce_sums(library.dot_norms(grads, refs, True, backend), info)
-    return rows if per_tensor else compose.total(rows)
+    return pipeline.dot_norms(grads, refs, per_tensor, backend, shard)
 
 
 def project_conflicting_(
@@ -77,33 +73,14 @@ def project_conflicting_(
         float32 ``[4]`` = ``[<g, r>, ||r||^2, ||g||^2 (before), c]``, or ``[n, 4]``
         with ``per_tensor=True``.
     """
-    grads, refs = _pairs(grads, refs)
-    rho = validate.check_scalar("rho", rho)
-    eps = validate.check_scalar("eps", eps, min_value=0.0)
-    (grads, refs), info = distributed.localize(grads, refs, names=("grads", "refs"))
-    if info is None:
+    grads, refs = validate.tensor_list("grads", grads), validate.tensor_list("refs", refs)
+    rho, eps = validate.python_float("rho", rho), validate.python_float("eps", eps)
+    (grads, refs), shard = distributed.localize(grads, refs, names=PAIR_NAMES)
+    if shard is None:
         return library.project_conflicting_(grads, refs, rho, eps, per_tensor, backend)
-    # Sharded: validate everything (the axpy op re-checks, but only after the collective)
-    # so that a bad call fails on every rank before any rank mutates.
-    library._checked_pairs(grads, refs)
-    rows = distributed.all_reduce_sums(library.dot_norms(grads, refs, True, backend), info)
-    sums = rows if per_tensor else compose.total(rows)
-    c, a = compose.coefficients(sums, rho, eps)
-    coef = a if per_tensor else a.expand(len(grads))
-    library.axpy_(grads, refs, coef.contiguous(), backend)
-    return torch.cat([sums, c.unsqueeze(-1)], dim=-1)
-
-
-def _lists(lists: Sequence[Sequence[Tensor]]) -> list[list[Tensor]]:
-    if isinstance(lists, Tensor) or not isinstance(lists, Sequence) or not lists:
-        raise TypeError("lists must be a non-empty sequence of tensor lists")
-    out = [validate.tensor_list(f"lists[{j}]", lst) for j, lst in enumerate(lists)]
-    for j, lst in enumerate(out[1:], start=1):
-        if len(lst) != len(out[0]):
-            raise ValueError(
-                f"lists[0] has {len(out[0])} tensors but lists[{j}] has {len(lst)}; they must pair up"
-            )
-    return out
+    # Every rank validates its local tensors before the collective, so a bad call
+    # raises on every rank before any rank mutates.
+    return pipeline.project_conflicting_(grads, refs, rho, eps, per_tensor, backend, shard)
 
 
 def gram(lists: Sequence[Sequence[Tensor]], *, backend: str | None = None) -> Tensor:
@@ -112,11 +89,11 @@ def gram(lists: Sequence[Sequence[Tensor]], *, backend: str | None = None) -> Te
     Each input is read once; each entry accumulates in fp32 per chunk and fp64 across
     chunks, in a fixed order.
     """
-    lists = _lists(lists)
-    localized, info = distributed.localize(*lists, names=[f"lists[{j}]" for j in range(len(lists))])
-    if info is None:
-        return library.gram([t for lst in localized for t in lst], len(lists), backend)
-    return distributed.all_reduce_gram(localized, info, lambda ls: gram(ls, backend=backend))
+    lists = validate.tensor_lists("lists", lists)
+    lists, shard = distributed.localize(*lists, names=list_names(len(lists)))
+    if shard is None:
+        return library.gram([t for lst in lists for t in lst], len(lists), backend)
+    return pipeline.gram(lists, backend, shard)
 
 
 def combine_(
@@ -130,19 +107,23 @@ def combine_(
 
     ``weights`` is a float ``[m]`` tensor on the gradients' device (a device tensor:
     no host sync). ``out`` may be ``lists[0]`` itself (the same tensor objects); no
-    other overlap between ``out`` and the inputs is allowed.
+    other overlap between ``out`` and the inputs is allowed. Sharded tensors need no
+    collective: every element is updated where it lives.
     """
     out = validate.tensor_list("out", out)
-    lists = _lists(lists)
+    lists = validate.tensor_lists("lists", lists)
     if len(out) != len(lists[0]):
         raise ValueError(
             f"out has {len(out)} tensors but lists[0] has {len(lists[0])}; they must pair up"
         )
+    m = len(lists)
+    validate.tensor(
+        "weights",
+        weights,
+        f"a tensor of shape [{m}] on the gradients' device (a device tensor avoids a host sync)",
+    )
     # Decided on the caller's objects: localizing DTensors makes new local tensor objects.
     out_is_first = all(o is t for o, t in zip(out, lists[0]))
-    (out, *lists), _ = distributed.localize(
-        out, *lists, names=["out", *(f"lists[{j}]" for j in range(len(lists)))]
-    )
+    (out, *lists), _ = distributed.localize(out, *lists, names=["out", *list_names(m)])
     rest = lists[1:] if out_is_first else lists
-    validate.check_weights(weights, len(lists), out[0].device if out else None)
     library.combine_(out, [t for lst in rest for t in lst], weights, out_is_first, backend)

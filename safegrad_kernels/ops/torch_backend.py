@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .dispatch import Backend, register_backend
+from .backend import Backend, register_backend
 
 
 def _f32(t: Tensor) -> Tensor:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .dispatch import Backend, register_backend
+from .backend import Backend, register_backend
 
 # Chunk and block sizes, in elements. A chunk is one program. 16384 elements (64 KiB of
 # fp32 per list) gives ~2,600 programs for 40M LoRA parameters and >= 1 program per tensor
@@ -263,6 +263,24 @@ def _uniform(lists: Sequence[Sequence[Tensor]]) -> list[Sequence[Tensor]]:
     return [[t.float() for t in lst] for lst in lists]
 
 
+def _one_pass(kernel: str, lists: Sequence[Sequence[Tensor]], vec: Tensor, *args: Any) -> None:
+    """Launch a single-pass kernel (``axpy_``, ``combine_``): one program per chunk of ``lists``.
+
+    ``vec`` is the small float32 device vector the kernel reads (coefficients, weights);
+    ``args`` follow the table arguments in the kernel's signature.
+    """
+    tab = _table(lists)
+    if not tab.n_chunks:
+        return
+    vec = vec.to(torch.float32).contiguous()
+    with _on(lists[0][0].device):
+        _launch(
+            getattr(kernels(), kernel), (tab.n_chunks,),
+            tab.ptrs, tab.chunks, vec, tab.n_rows, *args,
+            **_meta(tab.aligned),
+        )  # fmt: skip
+
+
 class TritonBackend(Backend):
     """Triton kernels on CUDA (and on CPU under ``TRITON_INTERPRET=1``, for tests)."""
 
@@ -302,16 +320,7 @@ class TritonBackend(Backend):
         return out
 
     def axpy_(self, grads: Sequence[Tensor], refs: Sequence[Tensor], coef: Tensor) -> None:
-        tab = _table([grads, refs])
-        if not tab.n_chunks:
-            return
-        coef = coef.to(torch.float32).contiguous()
-        with _on(grads[0].device):
-            _launch(
-                kernels()._axpy_kernel, (tab.n_chunks,),
-                tab.ptrs, tab.chunks, coef, tab.n_rows, grads[0], refs[0],
-                **_meta(tab.aligned),
-            )  # fmt: skip
+        _one_pass("_axpy_kernel", [grads, refs], coef, grads[0], refs[0])
 
     def gram(self, lists: Sequence[Sequence[Tensor]]) -> Tensor:
         k = kernels()
@@ -339,16 +348,7 @@ class TritonBackend(Backend):
         self, out: Sequence[Tensor], lists: Sequence[Sequence[Tensor]], weights: Tensor
     ) -> None:
         lists = _uniform(lists)
-        tab = _table([*lists, out])
-        if not tab.n_chunks:
-            return
-        weights = weights.to(torch.float32).contiguous()
-        with _on(out[0].device):
-            _launch(
-                kernels()._combine_kernel, (tab.n_chunks,),
-                tab.ptrs, tab.chunks, weights, tab.n_rows, len(lists), lists[0][0], out[0],
-                **_meta(tab.aligned),
-            )  # fmt: skip
+        _one_pass("_combine_kernel", [*lists, out], weights, len(lists), lists[0][0], out[0])
 
 
 def launch_counter() -> tuple[Callable[..., None], list[str]]:

@@ -89,6 +89,8 @@ def _dot_norms_partial_kernel(
         acc_gr += x * y
         acc_rr += y * y
         acc_gg += x * x
+    # Deliberately repeated in each kernel, not a @jit helper: a helper call costs
+    # 1-6 ms under the interpreter (module docstring); same PTX on the GPU.
     for edge in tl.static_range(2):  # masked: the unaligned head, then the ragged tail
         if edge == 0:
             lo = start
@@ -175,6 +177,8 @@ def _axpy_kernel(
             if _BF16_RNE_BY_HAND and g_ty.dtype.element_ty == tl.bfloat16:
                 v = _bf16_rne(v)
             tl.store(g + o + lanes, v.to(g_ty.dtype.element_ty))
+        # Deliberately repeated in each kernel, not a @jit helper: a helper call costs
+        # 1-6 ms under the interpreter (module docstring); same PTX on the GPU.
         for edge in tl.static_range(2):  # masked: the unaligned head, then the ragged tail
             if edge == 0:
                 lo = start
@@ -230,6 +234,8 @@ def _gram_partial_kernel(
                     o = tl.multiple_of(o, VEC)
                 a = tl.load(xi + o + lanes).to(tl.float32)
                 acc += a * tl.load(xj + o + lanes).to(tl.float32)
+            # Deliberately repeated in each kernel, not a @jit helper: a helper call costs
+            # 1-6 ms under the interpreter (module docstring); same PTX on the GPU.
             for edge in tl.static_range(2):  # masked: unaligned head, ragged tail
                 if edge == 0:
                     lo = start
@@ -283,6 +289,8 @@ def _combine_kernel(
         if _BF16_RNE_BY_HAND and out_ty.dtype.element_ty == tl.bfloat16:
             acc = _bf16_rne(acc)
         tl.store(out + o + lanes, acc.to(out_ty.dtype.element_ty))
+    # Deliberately repeated in each kernel, not a @jit helper: a helper call costs
+    # 1-6 ms under the interpreter (module docstring); same PTX on the GPU.
     for edge in tl.static_range(2):  # masked: the unaligned head, then the ragged tail
         if edge == 0:
             lo = start

@@ -1,9 +1,23 @@
-"""Argument checks shared by every op.
+"""Argument checks of every op, in two kinds and one place each.
 
-Everything here runs before any kernel touches memory, so a bad call raises a
-``TypeError``/``ValueError`` that names the argument and index and leaves every
-gradient untouched. Checks read only metadata (shapes, dtypes, devices, strides,
-storage addresses): no host synchronisation.
+* **Types** (:func:`tensor_list`, :func:`tensor_lists`, :func:`python_float`,
+  :func:`tensor`): what the op schemas declare, checked by ``ops.functional`` before it
+  calls a ``safegrad::`` op, so that a wrong Python type gets a message naming the
+  argument instead of the dispatcher's schema error.
+* **Values and metadata** (:func:`check_lists`, :func:`check_scalar`,
+  :func:`check_weights`, :func:`check_coef`): the authoritative checks, run once per
+  call by ``ops.pipeline`` before a backend is chosen or any kernel touches memory, on
+  every path (public function, direct ``torch.ops.safegrad.*`` call, sharded call).
+  :func:`check_lists` holds every tensor check, so it is the one function a cache
+  keyed on tensor metadata can wrap.
+
+A bad call raises a ``TypeError``/``ValueError`` that names the argument and index and
+leaves every gradient untouched. Checks read only metadata (shapes, dtypes, devices,
+strides, storage addresses): no host synchronisation. The fake kernels in
+``ops.library`` only place their outputs (a shape, and the inputs' one device from
+:func:`common_device`), and the ``TORCH_CHECK``s in ``csrc/safegrad_cpu.cpp`` are a
+cheap safety net for memory safety when a ``cpp_*`` kernel op is called directly;
+neither replaces these checks.
 """
 
 from __future__ import annotations
@@ -20,6 +34,8 @@ from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+# ----------------------------------------------------------------------------- types
+
 
 def tensor_list(name: str, value: object) -> list[Tensor]:
     """``value`` as a list of tensors, or a ``TypeError`` naming ``name``."""
@@ -32,6 +48,41 @@ def tensor_list(name: str, value: object) -> list[Tensor]:
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
     return out
+
+
+def tensor_lists(name: str, value: object) -> list[list[Tensor]]:
+    """``value`` as a non-empty list of equally long tensor lists (``gram``, ``combine_``).
+
+    Equal lengths are checked here because the op schemas take the m lists concatenated,
+    and only the caller's nesting says where one list ends.
+    """
+    if isinstance(value, Tensor) or not isinstance(value, Sequence) or not value:
+        raise TypeError(f"{name} must be a non-empty sequence of tensor lists")
+    out = [tensor_list(f"{name}[{j}]", lst) for j, lst in enumerate(value)]
+    for j, lst in enumerate(out[1:], start=1):
+        if len(lst) != len(out[0]):
+            raise ValueError(
+                f"{name}[0] has {len(out[0])} tensors but {name}[{j}] has {len(lst)}; "
+                "they must pair up"
+            )
+    return out
+
+
+def python_float(name: str, value: object) -> float:
+    """``value`` (a Python int or float, not a bool or tensor) as a float."""
+    if isinstance(value, Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    return float(value)
+
+
+def tensor(name: str, value: object, what: str) -> Tensor:
+    """``value`` if it is a tensor, else a ``TypeError`` saying ``what`` it should be."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__}")
+    return value
+
+
+# ------------------------------------------------------------------ values and metadata
 
 
 def check_tensor(name: str, t: Tensor) -> None:
@@ -78,6 +129,29 @@ def _all_good(lists: Sequence[Sequence[Tensor]]) -> bool:
     )
 
 
+def common_device(names: Sequence[str], lists: Sequence[Sequence[Tensor]]) -> torch.device | None:
+    """The device every tensor is on (``None`` if there are none), or a ``ValueError``.
+
+    Also what a fake kernel needs to place its output: the dispatcher hands any call with
+    a meta tensor to the fake, even alongside real tensors, and such a call has no
+    output device.
+    """
+    devices = set(map(_DEVICE, itertools.chain.from_iterable(lists)))
+    if len(devices) <= 1:
+        return next(iter(devices), None)
+    device = None
+    for name, lst in zip(names, lists):
+        for i, t in enumerate(lst):
+            if device is None:
+                device, first = t.device, f"{name}[{i}]"
+            elif t.device != device:
+                raise ValueError(
+                    f"{name}[{i}] is on {t.device} but {first} is on {device}; "
+                    "all tensors must share one device"
+                )
+    raise AssertionError("unreachable")
+
+
 def check_pairs(names: Sequence[str], lists: Sequence[Sequence[Tensor]]) -> torch.device | None:
     """Equal lengths, pairwise equal shapes, supported dtypes, one device.
 
@@ -92,17 +166,10 @@ def check_pairs(names: Sequence[str], lists: Sequence[Sequence[Tensor]]) -> torc
             raise ValueError(
                 f"{names[0]} has {n} tensors but {name} has {len(lst)}; they must pair up"
             )
-    device = None
     for name, lst in zip(names, lists):
         for i, t in enumerate(lst):
             check_tensor(f"{name}[{i}]", t)
-            if device is None:
-                device, first = t.device, f"{name}[{i}]"
-            elif t.device != device:
-                raise ValueError(
-                    f"{name}[{i}] is on {t.device} but {first} is on {device}; "
-                    "all tensors must share one device"
-                )
+    device = common_device(names, lists)
     for name, lst in zip(names[1:], lists[1:]):
         for i, (a, b) in enumerate(zip(lists[0], lst)):
             if a.shape != b.shape:
@@ -124,15 +191,13 @@ def check_no_overlap(
     written_name: str,
     written: Sequence[Tensor],
     read: Sequence[tuple[str, Sequence[Tensor]]],
-    *,
-    allow_identical: str | None = None,
 ) -> None:
     """Written tensors overlap neither each other nor anything read.
 
     Views of one flat buffer are fine as long as their byte ranges are disjoint, and
-    read tensors may overlap each other. ``allow_identical`` names a read list whose
-    i-th tensor may *be* ``written[i]`` (same address, shape and dtype): the documented
-    in-place form ``combine_(out, [out, ...])``. Empty tensors never overlap.
+    read tensors may overlap each other. Empty tensors never overlap. (``combine_``'s
+    in-place form, ``out`` being ``lists[0]``, never reaches here as an overlap: the op
+    passes ``lists[0]`` only as ``out``.)
 
     Vectorised: sort all ranges by start; a range overlaps an earlier one exactly when
     it starts before the furthest end seen so far (a running maximum). Written ranges
@@ -140,20 +205,10 @@ def check_no_overlap(
     """
     # The tensors to compare, and (for the error message only) where each came from.
     tensors = list(written)
-    origin: list[tuple[str, list[int] | None, int]] = [(written_name, None, len(written))]
+    origin: list[tuple[str, int]] = [(written_name, len(written))]
     for name, lst in read:
-        if name == allow_identical:
-            keep = [
-                i
-                for i, (t, w) in enumerate(zip(lst, written))
-                if not (t.data_ptr() == w.data_ptr() and t.shape == w.shape and t.dtype == w.dtype)
-            ]
-            keep += range(len(written), len(lst))
-            tensors += [lst[i] for i in keep]
-            origin.append((name, keep, len(keep)))
-        else:
-            tensors += lst
-            origin.append((name, None, len(lst)))
+        tensors += lst
+        origin.append((name, len(lst)))
     if len(tensors) < 2:
         return
     start, end = _spans(tensors)
@@ -177,9 +232,9 @@ def check_no_overlap(
     other = int(pool[np.argmax(end[pool] > start[culprit])])
 
     def label(j: int) -> str:
-        for name, keep, count in origin:
+        for name, count in origin:
             if j < count:
-                return f"{name}[{j if keep is None else keep[j]}]"
+                return f"{name}[{j}]"
             j -= count
         raise AssertionError("unreachable")
 
@@ -189,6 +244,25 @@ def check_no_overlap(
     )
 
 
+def check_lists(
+    names: Sequence[str], lists: Sequence[Sequence[Tensor]], *, written: bool = False
+) -> torch.device | None:
+    """Every tensor check of an op, in one call: the single point a metadata cache can wrap.
+
+    ``lists`` are parallel tensor lists (``grads, refs``; the m lists of ``gram``;
+    ``out`` and the lists of ``combine_``); with ``written`` the op writes ``lists[0]``
+    in place. Checks :func:`check_pairs` and, for written lists, :func:`check_no_overlap`.
+    The verdict depends only on the tensors' metadata (shapes, strides, dtypes, devices,
+    layouts, data pointers and sizes) and the ``written`` flag.
+
+    Returns the common device, or ``None`` when the lists are empty.
+    """
+    device = check_pairs(names, lists)
+    if written:
+        check_no_overlap(names[0], lists[0], list(zip(names[1:], lists[1:])))
+    return device
+
+
 def check_scalar(name: str, value: object, *, min_value: float = 0.0) -> float:
     """``value`` as a float: a finite Python number, ``>= 0`` unless ``min_value`` says otherwise.
 
@@ -196,9 +270,7 @@ def check_scalar(name: str, value: object, *, min_value: float = 0.0) -> float:
     surgeons', the method registry's ``rho`` and ``lam``): a tensor is refused, since
     reading it would synchronise the host.
     """
-    if isinstance(value, Tensor) or not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    value = float(value)
+    value = python_float(name, value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if value < min_value:
@@ -206,12 +278,8 @@ def check_scalar(name: str, value: object, *, min_value: float = 0.0) -> float:
     return value
 
 
-def check_weights(weights: object, m: int, device: torch.device | None) -> Tensor:
-    if not isinstance(weights, Tensor):
-        raise TypeError(
-            f"weights must be a tensor of shape [{m}] on the gradients' device "
-            f"(a device tensor avoids a host sync), got {type(weights).__name__}"
-        )
+def check_weights(weights: Tensor, m: int, device: torch.device | None) -> Tensor:
+    """``combine_``'s weights: shape ``[m]``, floating, on the gradients' device."""
     if weights.shape != (m,):
         raise ValueError(
             f"weights must have shape [{m}] (one per list), got {tuple(weights.shape)}"
@@ -221,3 +289,12 @@ def check_weights(weights: object, m: int, device: torch.device | None) -> Tenso
     if device is not None and weights.device != device:
         raise ValueError(f"weights is on {weights.device} but the gradients are on {device}")
     return weights
+
+
+def check_coef(coef: Tensor, n: int, device: torch.device) -> Tensor:
+    """``axpy_``'s per-tensor coefficients: shape ``[n]``, on the gradients' device."""
+    if coef.shape != (n,):
+        raise ValueError(f"coef must have shape [{n}], got {tuple(coef.shape)}")
+    if coef.device != device:
+        raise ValueError(f"coef is on {coef.device} but the gradients are on {device}")
+    return coef

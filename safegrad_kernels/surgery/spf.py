@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 
 from ..distributed import gather_whole, write_local_piece
+from ..ops import dot_norms
+from ..ops.validate import SUPPORTED_DTYPES
 from .base import Surgeon, check_backend, check_choice, check_int
 from .stats import SPFStats
 
@@ -91,6 +93,13 @@ def _tall(t: Tensor, transposed: bool) -> Tensor:
     return m.T if transposed else m
 
 
+def _op_ready(t: Tensor) -> Tensor:
+    """``t`` as the fused ops read it: dense float32/bfloat16/float16 (else a float32 copy)."""
+    if t.dtype in SUPPORTED_DTYPES and t.is_contiguous():
+        return t
+    return t.to(torch.float32, memory_format=torch.contiguous_format)
+
+
 def _rows(t: Tensor, ks: list[int], b: int) -> Tensor:
     return t if len(ks) == b else torch.stack([t[k] for k in ks])
 
@@ -130,8 +139,11 @@ class SPF(Surgeon):
         svd: ``"auto"`` (exact while min(out, in) <= 256, else randomized), ``"exact"``
             or ``"randomized"``.
         seed: seed of the randomized SVD's own generator (global RNG state untouched).
-        backend: accepted for a uniform surgeon constructor; SPF's work is batched
-            torch matmuls, not the fused reductions.
+        backend: op backend (``None`` = auto, or ``"triton"``, ``"cpp"``, ``"torch"``) of
+            the fused reduction SPF runs, ``||G||^2`` of every matrix in one
+            ``dot_norms`` read; an explicit backend that cannot run raises
+            ``BackendUnavailable`` from ``step()`` before anything changes. The SVD and
+            the projection are batched torch matmuls.
 
     Per step: a captured reference ``S`` updates the stored coordinates ``U_k^T S``
     used by the conflict test, and when a refresh is due (``wants_reference``) also
@@ -246,6 +258,8 @@ class SPF(Surgeon):
         captured = self._peek(0)
         for i in self._matrix_idx:
             refs[i], grads[i] = gather_whole(captured[i]), gather_whole(self.params[i].grad)
+        # First, so that a failing op (e.g. an unavailable backend) leaves everything as it was.
+        gsq = self._grad_norm_sq(grads)
         refresh = self.wants_reference and any(refs[i] is not None for i in self._matrix_idx)
         for group in self._groups:
             group_refs = [refs[i] for i in group.members]
@@ -256,13 +270,12 @@ class SPF(Surgeon):
         if refresh:
             self._last_refresh = self._step
 
-        scores, applied, removed, gsq = [], [], [], []
+        scores, applied, removed = [], [], []
         for group in self._groups:
-            s, a, r, g = self._project(group, grads)
+            s, a, r = self._project(group, grads)
             scores.append(s)
             applied.append(a)
             removed.append(r)
-            gsq.append(g)
         for i in self._matrix_idx:
             grad = self.params[i].grad
             if grad is not None and grads[i] is not grad:  # a DTensor: keep this rank's shard
@@ -277,7 +290,7 @@ class SPF(Surgeon):
             score=ordered(scores),
             applied=ordered(applied),
             removed_norm_sq=ordered(removed),
-            grad_norm_sq=ordered(gsq),
+            grad_norm_sq=gsq,
             refreshed=refresh,
         )
 
@@ -383,15 +396,30 @@ class SPF(Surgeon):
             self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
         return self._generator
 
+    def _grad_norm_sq(self, all_grads: list[Tensor | None]) -> Tensor:
+        """float32 ``||G||^2`` per matrix, in ``matrices`` order (0 without a gradient).
+
+        One fused ``dot_norms`` read on ``self.backend``. The op reads dense float32,
+        bfloat16 or float16 tensors; any other gradient (float64, or not contiguous) is
+        read through a contiguous float32 copy, which is all a float32 statistic needs.
+        """
+        n = len(self._matrix_idx)
+        present = [k for k, i in enumerate(self._matrix_idx) if all_grads[i] is not None]
+        if not present:
+            return torch.zeros(n, dtype=torch.float32, device=self.device)
+        xs = [_op_ready(all_grads[self._matrix_idx[k]]) for k in present]  # type: ignore[arg-type]
+        rows = dot_norms(xs, xs, per_tensor=True, backend=self.backend)
+        return _spread(rows[:, 2], present, n)
+
     def _project(
         self, group: _Group, all_grads: list[Tensor | None]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Project the group's gradients in place (``all_grads``: whole tensors, by param)."""
         b = len(group.members)
         zeros = torch.zeros(b, dtype=torch.float32, device=self.device)
         present = [k for k, i in enumerate(group.members) if all_grads[i] is not None]
         if group.basis is None or group.coords is None or not present:
-            return zeros, zeros.bool(), zeros, zeros
+            return zeros, zeros.bool(), zeros
         grads = [_tall(all_grads[group.members[k]], group.transposed) for k in present]  # type: ignore[arg-type]
         basis = _rows(group.basis, present, b)
         coords = _rows(group.coords, present, b)
@@ -406,10 +434,8 @@ class SPF(Surgeon):
         # value round-trips exactly. One foreach call instead of a copy_ per matrix.
         torch._foreach_copy_(grads, list(new.to(grads[0].dtype).unbind(0)))
         removed = (x * x).sum((1, 2))  # ||P||^2 = ||U^T G||^2 for orthonormal/zero columns
-        gsq = (g * g).sum((1, 2))
         return (
             _spread(score.float(), present, b),
             _spread(apply, present, b),
             _spread(removed.float(), present, b),
-            _spread(gsq.float(), present, b),
         )
