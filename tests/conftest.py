@@ -1,18 +1,52 @@
-"""Test-wide set-up: the Triton interpreter, seeds, thread count and the host-sync guard.
+"""Test-wide set-up: devices, the Triton interpreter, seeds, threads and the host-sync guard.
 
-TRITON_INTERPRET must be set before anything imports triton, so that the Triton
-backend runs its kernels on CPU tensors (correctness only; it is slow).
+Devices: ``DEVICE_PARAMS`` is cpu always and cuda when a CUDA device is present (marked
+``gpu``, so ``pytest -m gpu`` selects the CUDA cases; skipped with a reason elsewhere).
+
+TRITON_INTERPRET must be set before anything imports triton. Without CUDA it is switched
+on, so that the Triton backend runs its kernels on CPU tensors (correctness only; slow);
+with CUDA it is left alone, so that Triton compiles natively for the GPU.
 """
 
 import contextlib
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import random
-
 import pytest
 import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import random  # noqa: E402
+
+NO_CUDA = "no CUDA device here (pytest -m gpu runs these on a GPU machine)"
+DEVICE_PARAMS = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason=NO_CUDA)]),
+]
+
+
+def device_backend_params(backends_of):
+    """``(device, backend)`` params: every backend available on each device of ``DEVICE_PARAMS``.
+
+    ``backends_of(device)`` lists the backends to test there. Without CUDA the cuda
+    entries are the backends a GPU would run (triton, torch), skipped with a reason.
+    """
+    out = [("cpu", b) for b in backends_of("cpu")]
+    cuda = backends_of("cuda") if CUDA else ["triton", "torch"]
+    marks = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason=NO_CUDA)]
+    return out + [pytest.param("cuda", b, marks=marks) for b in cuda]
+
+
+@pytest.fixture
+def on_device(request):
+    """Runs a test with ``device`` (its parameter) as torch's default device."""
+    device = request.getfixturevalue("device")
+    previous = torch.get_default_device()
+    torch.set_default_device(device)
+    yield torch.device(device)
+    torch.set_default_device(previous)
 
 
 def pytest_report_header(config):

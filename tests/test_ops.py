@@ -12,12 +12,23 @@ import random
 
 import pytest
 import torch
+from conftest import device_backend_params
 
 import safegrad_kernels as sk
 from safegrad_kernels.ops import pipeline
 from safegrad_kernels.ops.dispatch import available_backends
 
 BACKENDS = [name for name, (ok, _) in available_backends("cpu").items() if ok]
+
+
+def _backends_on(device: str) -> list[str]:
+    return [name for name, (ok, _) in available_backends(device).items() if ok]
+
+
+# Every (device, backend) pair: the same oracle and tolerances on each device. A test that
+# takes these runs with its device as torch's default device (the ``on_device`` fixture),
+# so every tensor it makes lives there.
+DEVICE_BACKENDS = device_backend_params(_backends_on)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Sizes around the chunk sizes the kernels use (4096 and 16384 are common choices)
 # plus 0, 1 and primes.
@@ -37,8 +48,9 @@ def sum_floor(dtype, backend):
 def _skip_slow_interpreter(backend: str, count: int, limit: int = 7) -> None:
     # The Triton interpreter runs every program in Python (a 300-tensor reduction takes
     # ~25 s here); its kernels are covered in depth by test_triton_backend.py, so the
-    # API-level sweep keeps it to short lists.
-    if backend == "triton" and count > limit:
+    # API-level sweep keeps it to short lists. On a GPU the kernels are compiled: no limit.
+    on_cpu = torch.get_default_device().type == "cpu"
+    if backend == "triton" and on_cpu and count > limit:
         pytest.skip("long lists under the Triton interpreter are covered by test_triton_backend.py")
 
 
@@ -88,10 +100,10 @@ def assert_sums_close(got, ref, plain, scale, dtype, backend):
     assert (err <= allowed).all(), f"error {err.tolist()} > allowed {allowed.tolist()}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("count", [1, 7, 130, 1000])
-def test_dot_norms_matches_float64(backend, dtype, count):
+def test_dot_norms_matches_float64(device, on_device, backend, dtype, count):
     _skip_slow_interpreter(backend, count, limit=130)
     sizes = SIZES if count <= 130 else SIZES[:6]
     grads, refs = make_lists(count, dtype, sizes=sizes)
@@ -139,13 +151,15 @@ def make_conflict(grads, refs, conflict: bool):
             r.neg_()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("count", [1, 7, 130])
 @pytest.mark.parametrize("conflict", [True, False])
 @pytest.mark.parametrize("rho", [0.0, 1.0])
 @pytest.mark.parametrize("per_tensor", [False, True])
-def test_project_conflicting_matches_float64(backend, dtype, count, conflict, rho, per_tensor):
+def test_project_conflicting_matches_float64(
+    device, on_device, backend, dtype, count, conflict, rho, per_tensor
+):
     _skip_slow_interpreter(backend, count)
     grads, refs = make_lists(count, dtype, sizes=SIZES[:9] if backend == "triton" else SIZES)
     make_conflict(grads, refs, conflict)
@@ -180,8 +194,8 @@ def test_project_conflicting_matches_float64(backend, dtype, count, conflict, rh
         assert torch.isfinite(g).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_no_conflict_and_zero_rho_leaves_grads_bitwise_untouched(backend):
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_no_conflict_and_zero_rho_leaves_grads_bitwise_untouched(device, on_device, backend):
     grads, refs = make_lists(50, torch.bfloat16)
     make_conflict(grads, refs, conflict=False)
     before = [g.clone() for g in grads]
@@ -190,9 +204,9 @@ def test_no_conflict_and_zero_rho_leaves_grads_bitwise_untouched(backend):
     assert all(torch.equal(a, b) for a, b in zip(grads, before))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_sums_leave_grads_untouched(backend, bad):
+def test_non_finite_sums_leave_grads_untouched(device, on_device, backend, bad):
     grads, refs = make_lists(9, torch.float32)
     grads[4] = torch.randn(7)
     grads[4][3] = bad
@@ -205,9 +219,9 @@ def test_non_finite_sums_leave_grads_untouched(backend, bad):
         assert torch.equal(a.nan_to_num(), b.nan_to_num())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("per_tensor", [False, True])
-def test_zero_reference_is_a_no_op(backend, per_tensor):
+def test_zero_reference_is_a_no_op(device, on_device, backend, per_tensor):
     grads = [torch.randn(33), torch.randn(4, 5).bfloat16()]
     refs = [torch.zeros(33), torch.zeros(4, 5).bfloat16()]
     before = [g.clone() for g in grads]
@@ -217,8 +231,8 @@ def test_zero_reference_is_a_no_op(backend, per_tensor):
     assert all(torch.equal(a, b) for a, b in zip(grads, before))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_dtypes_in_one_list(backend):
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_mixed_dtypes_in_one_list(device, on_device, backend):
     grads, refs = [], []
     for i in range(12):
         n = random.choice(SIZES[1:9])
@@ -233,10 +247,10 @@ def test_mixed_dtypes_in_one_list(backend):
         assert torch.allclose(g.double(), ref_i, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [1, 2, 3, 5])
-def test_gram_matches_float64(backend, dtype, m):
+def test_gram_matches_float64(device, on_device, backend, dtype, m):
     lists = make_lists(7 if backend == "triton" else 40, dtype, m=m, sizes=SIZES[:10])
     flats = torch.stack([flat64(lst) for lst in lists])
     ref = flats @ flats.T
@@ -248,10 +262,10 @@ def test_gram_matches_float64(backend, dtype, m):
     assert_sums_close(got, ref, plain, scale, dtype, backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("in_place", [True, False])
-def test_combine_matches_float64(backend, dtype, in_place):
+def test_combine_matches_float64(device, on_device, backend, dtype, in_place):
     m = 3
     lists = make_lists(9 if backend == "triton" else 40, dtype, m=m, sizes=SIZES[:10])
     weights = torch.randn(m)
@@ -268,8 +282,8 @@ def test_combine_matches_float64(backend, dtype, in_place):
             assert err <= 2 * plain_err + FLOOR[dtype] * r.abs().max() + 1e-30
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_lists_return_zeros(backend):
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_empty_lists_return_zeros(device, on_device, backend):
     assert torch.equal(sk.dot_norms([], [], backend=backend), torch.zeros(3))
     assert sk.dot_norms([], [], per_tensor=True, backend=backend).shape == (0, 3)
     assert torch.equal(sk.project_conflicting_([], [], rho=1.0, backend=backend), torch.zeros(4))
@@ -277,8 +291,8 @@ def test_empty_lists_return_zeros(backend):
     sk.combine_([], [[], []], torch.ones(2), backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_repeated_calls_are_bitwise_identical(backend):
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_repeated_calls_are_bitwise_identical(device, on_device, backend):
     grads, refs = make_lists(60 if backend == "triton" else 300, torch.bfloat16)
     first = sk.dot_norms(grads, refs, per_tensor=True, backend=backend)
     gram1 = sk.gram([grads, refs], backend=backend)
@@ -397,9 +411,9 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("case", range(len(_bad_calls())))
-def test_bad_input_raises_clear_error(backend, case):
+def test_bad_input_raises_clear_error(device, on_device, backend, case):
     match, call, exc = _bad_calls()[case]
     with pytest.raises(exc, match=match):
         call(backend)
@@ -438,8 +452,8 @@ def test_overlap_check_agrees_with_brute_force():
             check_no_overlap("out", written, [("x", read)])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bad_input_mutates_nothing(backend):
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_bad_input_mutates_nothing(device, on_device, backend):
     grads = [torch.randn(10), torch.randn(10), torch.randn(3)]
     refs = [-g.clone() for g in grads[:2]] + [torch.randn(4)]  # last pair mismatched
     before = [g.clone() for g in grads]
@@ -492,8 +506,8 @@ def test_every_schema_comes_from_the_definition_module():
         assert str(getattr(torch.ops.safegrad, name).default._schema) == f"safegrad::{name}{schema}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_every_op(backend):
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
+def test_opcheck_every_op(device, on_device, backend):
     g = [torch.randn(5, 3), torch.randn(7).bfloat16()]
     r = [torch.randn(5, 3), torch.randn(7).bfloat16()]
     ops = torch.ops.safegrad
@@ -526,9 +540,9 @@ def test_torch_compile_fullgraph():
     assert all(torch.equal(a, b) for a, b in zip(grads, eager))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device, backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("per_tensor", [False, True])
-def test_hot_path_never_syncs(backend, per_tensor, forbid_host_sync):
+def test_hot_path_never_syncs(device, on_device, backend, per_tensor, forbid_host_sync):
     grads, refs = make_lists(20, torch.bfloat16, sizes=SIZES[:9], m=2)
     make_conflict(grads, refs, conflict=True)
     weights = torch.tensor([0.5, -1.0])

@@ -5,9 +5,8 @@ Every kernel compiles for fp32 and bf16; the streaming kernels' aligned variants
 number of tensors (counted under the interpreter).
 """
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET: tests/conftest.py (on without CUDA, off with it).
 
 import pytest
 import torch
@@ -104,10 +103,13 @@ def test_launches_per_op_do_not_depend_on_tensor_count(monkeypatch):
 
 @pytest.fixture(scope="module")
 def amd_rows():
-    ok, why = aot.amd_support()
-    if not ok:
-        pytest.skip(f"this triton cannot compile for AMD here: {why}")
-    return aot.aot_report(archs=aot.AMD_ARCHS, dtypes=DTYPES, aligned=(True,))
+    # Compiled in a clean subprocess (this session interprets triton's own functions); an
+    # AMD arch this triton cannot compile for comes back as one row with its error.
+    rows = aot.aot_report(archs=aot.AMD_ARCHS, dtypes=DTYPES, aligned=(True,))
+    errors = [r["error"] for r in rows if "error" in r]
+    if errors:
+        pytest.skip(f"this triton cannot compile for AMD here: {errors[0]}")
+    return rows
 
 
 def test_amd_targets_compile_without_spills(amd_rows):

@@ -8,9 +8,8 @@ one flat buffer (the flat fast path, whose chunks start at tensor boundaries).
 Tolerance: error vs float64 <= 2x the torch backend's error + a small per-dtype floor.
 """
 
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET: tests/conftest.py (on without CUDA, off with it).
 
 import subprocess
 import sys
