@@ -55,6 +55,7 @@ RESUME_INVARIANTS = (
     "learning_rate",
     "batch_size",
     "alignment_batch_size",
+    "reference_top_k",
     "gradient_accumulation_steps",
     "max_length",
     "prompt_style",
@@ -235,9 +236,17 @@ def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "alignment_batch_size": args.alignment_batch_size,
         "surgery_backend": args.surgery_backend,
         "surgery_granularity": args.surgery_granularity,
-        "cache_reference": args.cache_reference,
+        # -- reference store and fused losses (SafeGradTrainer's module docstring)
+        "cache_reference": _CACHE_REFERENCE[args.cache_reference],
+        "reference_top_k": args.reference_top_k,
+        "fused_loss": args.fused_loss,
     }
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+# --cache-reference: auto (the trainer's default rule), on, off; a bool (the flag was one)
+# keeps its literal meaning.
+_CACHE_REFERENCE = {"auto": None, "on": True, "off": False, True: True, False: False}
 
 
 def _summarise_logs(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -329,6 +338,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         alignment_dataset=align_set if args.method != "sft" else None,
         **_method_kwargs(args),
     )
+    if args.method != "sft":  # -- reference store: the trainer's decision and its reason
+        state = "on" if trainer.reference_choice.on else "off"
+        _say(f"reference store {state}: {trainer.reference_choice.reason}")
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_args.json").write_text(
