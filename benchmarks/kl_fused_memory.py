@@ -60,8 +60,7 @@ def _loss_fn(variant: str, args: argparse.Namespace):
         fused_linear_kl,
         kl_from_reference,
     )
-    from safegrad_kernels.integrations.trainer import _causal_ce
-    from safegrad_kernels.losses import kl_alignment_loss, response_token_count
+    from safegrad_kernels.losses import kl_alignment_loss, response_ce, response_token_count
     from safegrad_kernels.reference_store import ReferenceStore
 
     torch.manual_seed(0)
@@ -100,7 +99,7 @@ def _loss_fn(variant: str, args: argparse.Namespace):
         elif variant == "kl fused (top-64 store)":
             loss = fused_linear_kl(hidden, weight, labels, store, memory_budget=budget)
         elif variant == "ce logits":
-            loss = _causal_ce(F.linear(hidden, weight), labels, count)
+            loss = response_ce(F.linear(hidden, weight), labels, num_items_in_batch=count)
         elif variant == "ce fused":
             loss = fused_linear_cross_entropy(hidden, weight, labels, memory_budget=budget)
         else:

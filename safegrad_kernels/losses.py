@@ -25,7 +25,9 @@ fp32 ``chunk x V`` blocks, independent of batch x sequence.
 
 Reference logits for a PEFT model come from the same model with its adapters disabled
 (``reference_logits``); ``ReferenceCache`` keeps them on the host for a fixed alignment
-set so that repeated epochs skip the no-grad reference forward.
+set so that repeated epochs skip the no-grad reference forward (deprecated:
+``reference_store.ReferenceStore``, which ``SafeGradTrainer`` uses, computes everything
+before the first step, stores log-probabilities exactly or as top-k and survives a resume).
 """
 
 from __future__ import annotations
@@ -326,6 +328,11 @@ def reference_logits(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
 
 class ReferenceCache:
     """Reference logits of a fixed alignment set, kept on the host, keyed by example index.
+
+    Deprecated: kept importable for existing code; ``SafeGradTrainer`` no longer uses it.
+    Prefer ``reference_store.ReferenceStore`` (built once before the first step from the
+    starting model, so it also serves full fine-tuning; exact fp32 or top-k with a stated
+    error bound; ``state_dict`` for resume).
 
     Pays off when the same alignment examples are visited many times (SafeGrad's 10-100
     alignment examples cycle every few steps): a hit replaces the no-grad reference forward

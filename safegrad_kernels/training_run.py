@@ -76,6 +76,7 @@ RESUME_INVARIANTS = (
     "learning_rate",
     "batch_size",
     "alignment_batch_size",
+    "reference_top_k",
     "gradient_accumulation_steps",
     "max_length",
     "prompt_style",
@@ -345,9 +346,17 @@ def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kl_positions": args.kl_positions,
         "alignment_batch_size": args.alignment_batch_size,
         "surgery_backend": args.surgery_backend,
-        "cache_reference": args.cache_reference,
+        # -- reference store and fused losses (SafeGradTrainer's module docstring)
+        "cache_reference": _CACHE_REFERENCE[args.cache_reference],
+        "reference_top_k": args.reference_top_k,
+        "fused_loss": args.fused_loss,
     }
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+# --cache-reference: auto (the trainer's default rule), on, off; a bool (the flag was one)
+# keeps its literal meaning.
+_CACHE_REFERENCE = {"auto": None, "on": True, "off": False, True: True, False: False}
 
 
 def _plan(
@@ -525,6 +534,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(console)
+    if get_method(
+        args.method
+    ).needs_alignment:  # -- reference store: the trainer's decision and its reason
+        state = "on" if trainer.reference_choice.on else "off"
+        _say(f"reference store {state}: {trainer.reference_choice.reason}")
     if trainer.is_world_process_zero():
         (output_dir / "train_args.json").write_text(
             json.dumps(config, indent=2, default=str) + "\n"

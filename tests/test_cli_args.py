@@ -67,3 +67,27 @@ def test_help_and_info_need_no_transformers(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.rstrip().endswith("OK") and "backends:" in proc.stdout
+
+
+def test_train_reference_and_fused_flags_reach_the_trainer():
+    from safegrad_kernels.cli import build_parser
+    from safegrad_kernels.training_run import _method_kwargs
+
+    parser = build_parser("train")
+    base = ["train", "--model", "m", "--output-dir", "o"]
+
+    def trainer_kwargs(*flags):
+        return _method_kwargs(parser.parse_args([*base, *flags]))
+
+    default = trainer_kwargs()
+    assert "cache_reference" not in default and "reference_top_k" not in default
+    assert default["fused_loss"] is False
+    assert trainer_kwargs("--cache-reference")["cache_reference"] is True  # bare: on
+    assert trainer_kwargs("--cache-reference", "on")["cache_reference"] is True
+    assert trainer_kwargs("--cache-reference", "off")["cache_reference"] is False
+    assert "cache_reference" not in trainer_kwargs("--cache-reference", "auto")
+    picked = trainer_kwargs("--reference-top-k", "17", "--fused-loss")
+    assert picked["reference_top_k"] == 17 and picked["fused_loss"] is True
+    for bad in (["--cache-reference", "maybe"], ["--reference-top-k", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, *bad])

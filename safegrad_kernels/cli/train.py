@@ -170,9 +170,26 @@ def _add_method_arguments(method: Options) -> None:
     )
     method.add_argument(
         "--cache-reference",
+        nargs="?",
+        const="on",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compute the reference log-probs of the alignment set once, before the first step, "
+        "and keep them in host memory (4 x vocab bytes per response token, exact); auto: on when "
+        "that fits 1 GiB; a bare --cache-reference means on",
+    )
+    method.add_argument(
+        "--reference-top-k",
+        type=positive_int,
+        metavar="K",
+        help="store only the top K reference log-probs per token plus the tail mass "
+        "(8 K + 8 bytes a token; implies --cache-reference; 64: 53 MB for 100 x 1024 tokens)",
+    )
+    method.add_argument(
+        "--fused-loss",
         action="store_true",
-        help="keep the reference model's logits for the alignment set in host memory "
-        "(skips the reference forward after the first pass; costs samples x length x vocab x 2 bytes)",
+        help="compute the KL and cross-entropy from the LM head's input chunk by chunk, "
+        "never materialising the [tokens, vocab] logits (same numbers, less memory)",
     )
 
 

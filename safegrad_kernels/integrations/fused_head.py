@@ -98,12 +98,16 @@ def fused_head_unsupported(model: nn.Module) -> str | None:
     return why or _config_transform(model) or _checked.get(model)
 
 
-def hidden_states_and_head(model: nn.Module, inputs: Mapping[str, Any]) -> Head | None:
+def hidden_states_and_head(
+    model: nn.Module, inputs: Mapping[str, Any], *, run: nn.Module | None = None
+) -> Head | None:
     """``(hidden [B, T, H], weight [V, H], bias [V] | None)`` of ``model`` on ``inputs``.
 
     One forward of ``model`` (autograd as the caller's context has it) in which only the
     first position reaches the head. ``inputs`` are the model's keyword inputs; ``labels``
-    and ``num_items_in_batch`` are dropped. Returns None and logs the reason when the model
+    and ``num_items_in_batch`` are dropped. ``run``: the module whose forward is called, a
+    wrapper of ``model`` such as DDP (whose forward prepares the gradient all-reduce);
+    default ``model`` itself. Returns None and logs the reason when the model
     is one it cannot handle (module docstring); the first call for a model also reads one
     comparison on the host.
     """
@@ -127,7 +131,7 @@ def hidden_states_and_head(model: nn.Module, inputs: Mapping[str, Any]) -> Head 
     model_inputs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
     handle = head.register_forward_pre_hook(keep_first_position, with_kwargs=True)
     try:
-        out = model(**model_inputs)
+        out = (model if run is None else run)(**model_inputs)
     finally:
         handle.remove()
 

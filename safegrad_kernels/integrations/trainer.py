@@ -35,15 +35,58 @@ steps, so the weight of ``rho * g_a`` in the update would vary with the task gra
 norm. ``test_update_is_safegrad_then_clip`` checks the gradient the optimizer receives
 against this formula and shows the other order differs.
 
-The reference distribution comes from the same PEFT model with its adapters disabled,
-under ``torch.no_grad`` and in eval mode: no second model copy (the authors hold a full
-bf16 copy, about 2x SFT memory). Surgery statistics (conflict rate, cosine, coefficient,
-alignment loss) accumulate on the device and are read on the host only on logging steps.
+The reference distribution (the KL's P_ref) is the starting model's: the same PEFT model
+with its adapters disabled, under ``torch.no_grad`` and in eval mode, so there is no second
+model copy (the authors hold a full bf16 copy, about 2x SFT memory). Surgery statistics
+(conflict rate, cosine, coefficient, alignment loss) accumulate on the device and are read
+on the host only on logging steps.
+
+Reference store (``cache_reference``, ``reference_top_k``; ``integrations/reference.py``).
+Before the first optimizer step (lazily, at the first ``training_step``, after a resumed
+checkpoint has loaded) the starting model runs once over the whole alignment set and a
+``ReferenceStore`` keeps, on the host, its log-probabilities at the positions the KL reads:
+exact fp32 (``cache_reference=True``) or the top k plus the tail mass
+(``reference_top_k=k``). Each alignment micro-batch then reads its rows from the store
+instead of running the reference forward. Default (``cache_reference=None``): on, exact,
+when ``kl_positions="response"`` and the exact store fits ``REFERENCE_STORE_BUDGET`` (1 GiB)
+of host memory, ``rows x (4 V + 4)`` bytes; off otherwise (reason logged; the decision is
+``trainer.reference_choice``). Sizes for 100 x 1024 loss rows at V = 128,256: 52.5 GB exact
+fp32, 53.2 MB top-64. The store is also what lets a plain (non-PEFT) model, full-parameter
+fine-tuning, train with the KL: its starting weights are gone after the first step, and no
+second copy is held. Resume: a PEFT model whose trainable tensors are all adapters rebuilds
+the store from the adapter-disabled model (the same numbers); any other model saves it in
+each checkpoint (``REFERENCE_STORE_FILE``) and reloads it, and refuses to resume without it.
+
+Error of a top-k store (from ``reference_store``): per row, with Q the reference mass
+outside the stored k tokens and P the model's, the top-k KL is the KL of the two
+distributions coarsened to the k tokens plus one tail bucket, so
+
+  KL(q||p) - KL_topk = Q KL(q_tail / Q || p_tail / P)  in  [0, Q (log P - min_tail log p)]
+
+(never an overestimate), and its logit gradient differs from the exact one only on the tail:
+||error||_1 <= 2 Q, ||error||_2 <= sqrt(2) Q per row, times sigma_max(W) for the hidden
+states. The store logs the largest Q it kept (``tail_mass_max``), so the bound is known
+before the first step.
+
+Fused losses (``fused_loss=True``; ``fused_losses``, ``integrations/fused_head.py``): the
+alignment KL (or CE) and the task cross-entropy are computed from the LM head's input and
+weight chunk by chunk, never materialising the ``[tokens, vocab]`` logits; the KL's
+reference comes from the store or from the adapter-disabled hidden states. The task loss
+reproduces ``Trainer.compute_loss`` of transformers 5.24: with a model that takes loss
+kwargs and a step count ``num_items_in_batch``, sum / that count (times the process count
+under ``average_tokens_across_devices``), else the micro-batch mean (the Trainer then
+divides by the accumulation steps). Models ``fused_head`` cannot handle, and task losses
+the Trainer would not compute itself (label smoothing, ``compute_loss_func``, a class
+between this one and ``Trainer`` with its own ``compute_loss``, e.g. TRL's), stay on the
+logits path with the reason logged. Rows for the fused losses come from the host-side
+labels (alignment batches) or, for device-side task labels, are every row (prompt rows
+weigh 0): no host synchronisation either way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -54,22 +97,38 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from ..compat import numpy_rng_state_globals
+from ..fused_losses import fused_linear_cross_entropy, fused_linear_kl, kl_from_reference, loss_rows
 from ..losses import (
-    ReferenceCache,
     kl_alignment_loss,
     model_inputs,
     reference_logits,
     response_ce,
 )
+from ..reference_store import ReferenceStore
 from ..surgery import Surgeon
 from ..surgery.base import check_backend, check_choice
 from ..surgery.methods import ALIGNMENT_LOSSES, get_method
 from ..surgery.methods import METHODS as _REGISTRY
 from .alignment_batches import AlignmentSchedule, alignment_loader
 from .deepspeed import zero_surgery_for
+from .fused_head import fused_head_unsupported, hidden_states_and_head, reference_hidden_states
+from .reference import (
+    StoreChoice,
+    build_reference_store,
+    check_store_arguments,
+    choose_store,
+    count_loss_rows,
+    is_peft_model,
+    model_vocab,
+    store_is_rebuildable,
+)
 
 # Written into each checkpoint-* folder when the surgeon carries state between steps (SPF).
 SURGEON_STATE_FILE = "safegrad_surgeon.pt"
+# Written next to it when the reference store cannot be rebuilt on resume (full fine-tuning).
+REFERENCE_STORE_FILE = "safegrad_reference_store.pt"
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "SafeGradTrainer"]
 
@@ -102,8 +161,8 @@ def _let_gradients_reach_checkpoints(model: nn.Module) -> None:
 class SafeGradTrainer(Trainer):
     """``transformers.Trainer`` with SafeGrad / SPF / mixed-objective alignment.
 
-    Args (besides the ``Trainer``'s own; ``model`` must be a ``peft.PeftModel`` whenever
-    a KL reference is needed):
+    Args (besides the ``Trainer``'s own; with the KL alignment loss ``model`` is a
+    ``peft.PeftModel``, or any causal LM when the reference store is on):
         alignment_dataset: examples with ``input_ids``, ``attention_mask``, ``labels``
             (-100 on the prompt), collated by the trainer's ``data_collator``. Required
             unless ``method="sft"``. Cycled, reshuffled on each pass (seed ``args.seed``).
@@ -124,8 +183,15 @@ class SafeGradTrainer(Trainer):
             ``args.per_device_train_batch_size``.
         surgery_backend: op backend for the surgeon (``None`` = auto).
         surgery_granularity: SafeGrad's ``"global"`` (the paper) or ``"per_tensor"``.
-        cache_reference: keep reference logits of the alignment set on the host
-            (``ReferenceCache``), skipping the reference forward on later visits.
+        cache_reference: the reference store (module docstring): ``True`` builds it,
+            ``False`` recomputes the reference on every visit, ``None`` (default) builds an
+            exact one when it fits ``REFERENCE_STORE_BUDGET`` (1 GiB) and
+            ``kl_positions="response"``.
+        reference_top_k: keep the top k reference log-probabilities per row plus the tail
+            mass (``8 k + 8`` bytes a row) instead of all ``V``; implies the store. Error
+            bound in the module docstring.
+        fused_loss: compute the alignment loss and the task cross-entropy from the LM
+            head's input without the ``[tokens, vocab]`` logits (module docstring).
 
     Surgery acts on every trainable parameter (the LoRA factors, plus any
     ``modules_to_save``), as the authors' trainer does. Logged keys at ``logging_steps``:
@@ -156,7 +222,9 @@ class SafeGradTrainer(Trainer):
         alignment_batch_size: int | None = None,
         surgery_backend: str | None = None,
         surgery_granularity: str = "global",
-        cache_reference: bool = False,
+        cache_reference: bool | None = None,
+        reference_top_k: int | None = None,
+        fused_loss: bool = False,
         **kwargs: Any,
     ) -> None:
         # Cheap argument checks first: a bad configuration fails before any set-up.
@@ -191,26 +259,17 @@ class SafeGradTrainer(Trainer):
             kwargs.get("args", args[1] if len(args) > 1 else None),
             _is_peft_model(kwargs.get("model", args[0] if args else None)),
         )
+        check_store_arguments(cache_reference, reference_top_k)
 
         super().__init__(*args, **kwargs)
 
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model has no trainable parameter (empty parameter list)")
         self._needs_reference = self._uses_alignment and self.alignment_loss == "kl"
-        if self._needs_reference and not hasattr(self.model, "disable_adapter"):
-            raise TypeError(
-                "the KL alignment loss takes its reference from the same model with adapters "
-                f"disabled, which needs a peft.PeftModel; got {type(self.model).__name__} "
-                "(use alignment_loss='ce' or wrap the model with peft)"
-            )
         self.alignment_batch_size = alignment_batch_size or self.args.per_device_train_batch_size
         if _checkpointing_requested(self.args):
             _let_gradients_reach_checkpoints(self.model)
-        self.reference_cache = (
-            ReferenceCache(positions=kl_positions)
-            if cache_reference and self._needs_reference
-            else None
-        )
+        self._set_up_reference_and_fused_loss(cache_reference, reference_top_k, fused_loss)
 
         self._surgeon: Surgeon | None = None
         self._pending_surgeon_state: dict[str, Any] | None = None
@@ -263,9 +322,11 @@ class SafeGradTrainer(Trainer):
             folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             path = os.path.join(self._get_output_dir(trial=trial), folder, SURGEON_STATE_FILE)
             torch.save(state, path)
+        self._save_reference_store(trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_reference_store(resume_from_checkpoint)
         path = os.path.join(resume_from_checkpoint, SURGEON_STATE_FILE)
         if not os.path.isfile(path):
             return
@@ -286,6 +347,19 @@ class SafeGradTrainer(Trainer):
         Shuffled per pass with ``args.seed``; columns the model does not take are removed
         as the Trainer does for its own datasets.
         """
+        dataset, collate = self._alignment_data_and_collator()
+        return alignment_loader(
+            dataset,
+            collate,
+            batch_size=self.alignment_batch_size,
+            seed=self.args.seed,
+            epoch=self.alignment_schedule.epoch if epoch is None else epoch,
+            world_size=self.args.world_size,
+            rank=self.args.process_index,
+        )
+
+    def _alignment_data_and_collator(self) -> tuple[Any, Any]:
+        """The alignment set and collator, without the columns the model does not take."""
         dataset = self.alignment_dataset
         collate = self.data_collator
         try:
@@ -298,15 +372,7 @@ class SafeGradTrainer(Trainer):
             dataset = self._remove_unused_columns(dataset, description="alignment")
         else:
             collate = self._get_collator_with_removed_columns(collate, description="alignment")
-        return alignment_loader(
-            dataset,
-            collate,
-            batch_size=self.alignment_batch_size,
-            seed=self.args.seed,
-            epoch=self.alignment_schedule.epoch if epoch is None else epoch,
-            world_size=self.args.world_size,
-            rank=self.args.process_index,
-        )
+        return dataset, collate
 
     def _alignment_batches_consumed(self) -> int:
         """Alignment micro-batches drawn before ``state.global_step`` (for exact resume).
@@ -337,26 +403,34 @@ class SafeGradTrainer(Trainer):
 
     # -- the step ----------------------------------------------------------------------------
 
-    def _reference(self, model: nn.Module, batch: dict[str, Any], indices: list[int]) -> Tensor:
-        peft_model = self.accelerator.unwrap_model(model)
-        if self.reference_cache is not None:
-            return self.reference_cache.get(peft_model, batch, indices)
-        return reference_logits(peft_model, batch)
-
     def alignment_loss_on(
-        self, model: nn.Module, batch: dict[str, Any], indices: list[int], count: Tensor
+        self,
+        model: nn.Module,
+        batch: dict[str, Any],
+        indices: list[int],
+        count: Tensor,
+        *,
+        host_labels: Tensor | None = None,
     ) -> Tensor:
-        """The alignment loss of one micro-batch, normalised by ``count`` response tokens."""
-        inputs = model_inputs(batch)
+        """The alignment loss of one micro-batch, normalised by ``count`` response tokens.
+
+        ``host_labels``: the batch's labels before they were moved to the device; with them
+        the store checks its rows and the fused losses find theirs without a host sync.
+        """
         labels = batch["labels"]
-        with self.compute_loss_context_manager():
+        with self.compute_loss_context_manager(), self._head_autocast():
             if self.alignment_loss == "kl":
-                ref = self._reference(model, batch, indices)
-                logits = model(**inputs).logits
-                return kl_alignment_loss(
-                    logits, ref, labels, positions=self.kl_positions, num_items_in_batch=count
+                return self._kl_alignment_loss(model, batch, indices, count, host_labels)
+            head = self._fused_head(model, batch)
+            if head is not None:
+                hidden, weight, bias = head
+                rows = self._fused_rows(labels, host_labels, "response")
+                return fused_linear_cross_entropy(
+                    hidden, weight, labels, bias=bias, num_items_in_batch=count, rows=rows
                 )
-            return response_ce(model(**inputs).logits, labels, num_items_in_batch=count)
+            return response_ce(
+                model(**model_inputs(batch)).logits, labels, num_items_in_batch=count
+            )
 
     def training_step(
         self,
@@ -365,6 +439,7 @@ class SafeGradTrainer(Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor:
         surgeon = self.surgeon
+        self._ensure_reference_store()
         if self._uses_alignment:
             schedule = self.alignment_schedule
             if not schedule.planned:
@@ -376,6 +451,7 @@ class SafeGradTrainer(Trainer):
             if planned is not None:
                 indices, batch = planned
                 model.train()
+                host_labels = batch["labels"]
                 batch = self._prepare_inputs(batch)
                 if self._zero is not None:  # -- DeepSpeed ZeRO-1/2 (integrations/deepspeed.py)
                     weight = self.method_spec.loss_weight(self.method_settings)
@@ -383,13 +459,17 @@ class SafeGradTrainer(Trainer):
                         self.model_wrapped, self._trainable_params(), surgeon, weight
                     )
                     unwrapped = self.accelerator.unwrap_model(model)
-                    loss = self.alignment_loss_on(unwrapped, batch, indices, schedule.num_items)
+                    loss = self.alignment_loss_on(
+                        unwrapped, batch, indices, schedule.num_items, host_labels=host_labels
+                    )
                     self._zero.capture(loss)
                     self._add_align_loss(loss.detach())
                     return self._zero_task_step(model, inputs, num_items_in_batch)
                 capture = surgeon.reference() if surgeon is not None else contextlib.nullcontext()
                 with capture:
-                    loss = self.alignment_loss_on(model, batch, indices, schedule.num_items)
+                    loss = self.alignment_loss_on(
+                        model, batch, indices, schedule.num_items, host_labels=host_labels
+                    )
                     weight = self.method_spec.loss_weight(self.method_settings)
                     self.accelerator.backward(loss * weight if weight != 1.0 else loss)
                 self._add_align_loss(loss.detach())
@@ -415,6 +495,225 @@ class SafeGradTrainer(Trainer):
                 self._add_stats(stats)
             self.alignment_schedule.end_step()
         return task_loss
+
+    # -- reference store and fused losses (module docstring; integrations/reference.py) -----
+
+    def _set_up_reference_and_fused_loss(
+        self, cache_reference: bool | None, reference_top_k: int | None, fused_loss: bool
+    ) -> None:
+        """Decide the store (built later, at the first step) and the fused paths; refuse a
+        plain model whose KL would have no reference."""
+        model = self.accelerator.unwrap_model(self.model)
+        positions = self.kl_positions
+        if self._needs_reference:
+            self.reference_choice = choose_store(
+                cache_reference,
+                reference_top_k,
+                positions=positions,
+                count_rows=lambda: count_loss_rows(self._reference_batches(), positions),
+                vocab=model_vocab(model),
+            )
+            state = "on" if self.reference_choice.on else "off"
+            logger.info("reference store %s: %s", state, self.reference_choice.reason)
+        else:
+            self.reference_choice = StoreChoice(False, None, "no KL alignment loss")
+        self.reference_store: ReferenceStore | None = None
+        if self._needs_reference and not self.reference_choice.on and not is_peft_model(model):
+            raise TypeError(
+                "the KL alignment loss needs the starting model's distribution: the same "
+                "model with adapters disabled (a peft.PeftModel), or a reference store "
+                f"computed before the first step; got {type(model).__name__} with the store "
+                f"off ({self.reference_choice.reason}). For full fine-tuning pass "
+                "cache_reference=True or reference_top_k=k; else use alignment_loss='ce' "
+                "or wrap the model with peft"
+            )
+
+        self._fused_loss = bool(fused_loss)
+        why = fused_head_unsupported(model) if fused_loss else None
+        if why is not None:
+            logger.warning("fused_loss=True: using the logits path: %s", why)
+            self._fused_loss = False
+        self._fused_task_loss = self._fused_loss
+        why = self._task_loss_not_trainers() if self._fused_loss else None
+        if why is not None:
+            logger.warning("fused_loss=True: the task loss stays on the logits path: %s", why)
+            self._fused_task_loss = False
+
+    def _task_loss_not_trainers(self) -> str | None:
+        """Why the task loss is not ``Trainer.compute_loss``'s plain cross-entropy, if so."""
+        mro = type(self).__mro__
+        for cls in mro[mro.index(SafeGradTrainer) + 1 :]:
+            if "compute_loss" in vars(cls):
+                if cls is not Trainer:
+                    return f"{cls.__name__}.compute_loss computes it"
+                break
+        if self.label_smoother is not None:
+            return "label smoothing (label_smoothing_factor)"
+        if self.compute_loss_func is not None:
+            return "a compute_loss_func computes it"
+        parallel = getattr(self.accelerator, "parallelism_config", None)
+        if parallel is not None and getattr(parallel, "sp_enabled", False):
+            return "sequence parallelism computes it"
+        return None
+
+    def _reference_batches(self, device: bool = False) -> Iterator[tuple[list[int], Any]]:
+        """The alignment set in index order, ``alignment_batch_size`` examples a batch (on
+        the training device with ``device=True``): what the store is built from."""
+        dataset, collate = self._alignment_data_and_collator()
+        size = self.alignment_batch_size
+        for start in range(0, len(dataset), size):
+            indices = list(range(start, min(start + size, len(dataset))))
+            batch = collate([dataset[i] for i in indices])
+            yield indices, self._prepare_inputs(batch) if device else batch
+
+    def _ensure_reference_store(self) -> None:
+        """Build the store before the first update (no-op once built or loaded)."""
+        if not self.reference_choice.on or self.reference_store is not None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        if self.state.global_step > 0 and not store_is_rebuildable(model):
+            raise RuntimeError(
+                f"resumed at step {self.state.global_step} without {REFERENCE_STORE_FILE} in "
+                f"the checkpoint: {type(model).__name__}'s starting weights are gone (not a "
+                "PEFT model with only adapters trainable), so the reference store cannot be "
+                "rebuilt; resume from a checkpoint saved with the store on"
+            )
+        with self.compute_loss_context_manager(), self.accelerator.autocast():
+            self.reference_store = build_reference_store(
+                model,
+                self._reference_batches(device=True),
+                positions=self.kl_positions,
+                top_k=self.reference_choice.top_k,
+            )
+
+    def _save_reference_store(self, trial: Any) -> None:
+        store = self.reference_store
+        model = self.accelerator.unwrap_model(self.model)
+        if store is None or not self.args.should_save or store_is_rebuildable(model):
+            return
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        path = os.path.join(self._get_output_dir(trial=trial), folder, REFERENCE_STORE_FILE)
+        torch.save(store.state_dict(), path)
+
+    def _load_reference_store(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, REFERENCE_STORE_FILE)
+        if not (self.reference_choice.on and os.path.isfile(path)):
+            return
+        store = ReferenceStore()
+        store.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        if (store.top_k, store.positions) != (self.reference_choice.top_k, self.kl_positions):
+            raise ValueError(
+                f"{path} holds a store with top_k={store.top_k}, positions={store.positions!r}; "
+                f"this run asks for top_k={self.reference_choice.top_k}, "
+                f"positions={self.kl_positions!r}"
+            )
+        self.reference_store = store
+
+    def _head_autocast(self) -> contextlib.AbstractContextManager:
+        # accelerate runs the model's forward under autocast (it wraps model.forward), so
+        # the model's own head multiplies in bf16/fp16 under mixed precision; the fused
+        # losses multiply by the head outside that forward, and must too, to give the
+        # logits path's numbers (and pass fused_head's output check).
+        return self.accelerator.autocast() if self._fused_loss else contextlib.nullcontext()
+
+    def _fused_head(self, model: nn.Module, batch: dict[str, Any]) -> Any:
+        """``(hidden, weight, bias)`` of ``model`` on ``batch`` for the fused losses, or None
+        (fused off, or the model failed ``fused_head``'s output check: off from now on)."""
+        if not self._fused_loss:
+            return None
+        head = hidden_states_and_head(self.accelerator.unwrap_model(model), batch, run=model)
+        if head is None:  # the reason was logged by fused_head
+            self._fused_loss = self._fused_task_loss = False
+        return head
+
+    @staticmethod
+    def _fused_rows(labels: Tensor, host_labels: Tensor | None, positions: str) -> Tensor | None:
+        # Host labels: the exact rows, found on the host. Device labels alone: every row
+        # (those that do not count weigh 0), since finding them there is a host sync.
+        if host_labels is not None:
+            return loss_rows(host_labels, positions)
+        if labels.device.type == "cpu":
+            return None
+        return torch.arange(labels.numel(), device=labels.device)
+
+    def _kl_alignment_loss(
+        self,
+        model: nn.Module,
+        batch: dict[str, Any],
+        indices: list[int],
+        count: Tensor,
+        host_labels: Tensor | None,
+    ) -> Tensor:
+        labels = batch["labels"]
+        settings = {"positions": self.kl_positions, "num_items_in_batch": count}
+        if self.reference_store is not None:
+            ref = self.reference_store.get(
+                indices, labels=host_labels, seq_len=labels.shape[1], device=labels.device
+            )
+            head = self._fused_head(model, batch)
+            if head is not None:
+                hidden, weight, bias = head
+                return fused_linear_kl(hidden, weight, labels, ref, bias=bias, **settings)
+            logits = model(**model_inputs(batch)).logits
+            return kl_from_reference(logits, ref, labels, **settings)
+        peft_model = self.accelerator.unwrap_model(model)
+        if self._fused_loss:
+            ref_head = reference_hidden_states(peft_model, batch)
+            if ref_head is None:
+                self._fused_loss = self._fused_task_loss = False
+            head = self._fused_head(model, batch) if ref_head is not None else None
+            if head is not None:
+                hidden, weight, bias = head
+                rows = self._fused_rows(labels, host_labels, self.kl_positions)
+                return fused_linear_kl(
+                    hidden, weight, labels, ref_head[0], bias=bias, rows=rows, **settings
+                )
+        ref = reference_logits(peft_model, batch)
+        return kl_alignment_loss(model(**model_inputs(batch)).logits, ref, labels, **settings)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Any:
+        # fused_loss only; otherwise (and whenever outputs are wanted) the Trainer's own.
+        if self._fused_task_loss and not return_outputs and "labels" in inputs:
+            with self._head_autocast():
+                loss = self._fused_task_cross_entropy(model, inputs, num_items_in_batch)
+            if loss is not None:
+                return loss
+        return super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+
+    def _fused_task_cross_entropy(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None
+    ) -> Tensor | None:
+        head = self._fused_head(model, inputs)
+        if head is None:
+            return None
+        hidden, weight, bias = head
+        labels = inputs["labels"]
+        # Trainer.compute_loss (5.24): a model that takes loss kwargs gets num_items_in_batch
+        # and divides its summed loss by it; otherwise it returns the micro-batch mean.
+        step_count = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        loss = fused_linear_cross_entropy(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            num_items_in_batch=num_items_in_batch if step_count else None,
+            rows=self._fused_rows(labels, None, "response"),
+        )
+        if step_count and self.args.average_tokens_across_devices:
+            # The Trainer's own factor: the gradient all-reduce averages over the processes.
+            world = self.accelerator.num_processes // self.get_tp_size()
+            loss = loss * (world if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return loss
 
     # -- logging -------------------------------------------------------------------------------
 
