@@ -127,11 +127,10 @@ def test_config_fields_are_the_registry_and_trainer_options(tmp_path):
         assert fields[name].default == h.default, name
         assert fields[name].metadata["help"] == h.help, name
     # Each added field is a SafeGradTrainer option with the same default, and every option
-    # is a field, except the dataset itself and cache_reference (the reference-store
-    # issue adds it as one field).
+    # is a field, except the dataset itself.
     params = inspect.signature(SafeGradTrainer.__init__).parameters
     options = {n: p.default for n, p in params.items() if p.kind is p.KEYWORD_ONLY}
-    assert set(options) - set(added) == {"alignment_dataset", "cache_reference"}
+    assert set(options) - set(added) == {"alignment_dataset"}
     for name in added:
         assert fields[name].default == options[name], name
     # One definition reaches TRL's command line as well.

@@ -48,6 +48,7 @@ from trl import SFTConfig, SFTTrainer
 from ..losses import Positions
 from ..surgery.base import check_backend, check_choice, check_int
 from ..surgery.methods import ALIGNMENT_LOSSES, HYPERPARAMETERS, METHODS, get_method
+from .reference import check_store_arguments
 from .trainer import SafeGradTrainer, default_ddp_find_unused_parameters
 
 __all__ = ["SafeGradConfig", "SafeSFTTrainer"]
@@ -130,6 +131,21 @@ class SafeGradConfig(SFTConfig):
         default=None,
         metadata={"help": "op backend of the surgeon: 'triton', 'cpp', 'torch'; default: auto"},
     )
+    cache_reference: bool | None = field(
+        default=None,
+        metadata={
+            "help": "keep the alignment set's reference distribution, computed once before "
+            "the first step (None: on where exact and within the trainer's memory budget)"
+        },
+    )
+    reference_top_k: int | None = field(
+        default=None,
+        metadata={"help": "store only the top k reference log-probabilities per token (+ tail)"},
+    )
+    fused_loss: bool = field(
+        default=False,
+        metadata={"help": "alignment KL from the LM head's input, chunk by chunk (no logits)"},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -142,6 +158,7 @@ class SafeGradConfig(SFTConfig):
         check_choice("kl_positions", self.kl_positions, KL_POSITIONS)
         check_int("alignment_batch_size", self.alignment_batch_size, minimum=1, allow_none=True)
         check_backend(self.surgery_backend)
+        check_store_arguments(self.cache_reference, self.reference_top_k)
 
     @classmethod
     def safegrad_fields(cls) -> tuple[str, ...]:
@@ -190,6 +207,17 @@ class SafeSFTTrainer(SafeGradTrainer, SFTTrainer):
         )
         if method_spec.needs_alignment:
             self.alignment_dataset = self._prepare_alignment_dataset(alignment_dataset)
+        # The reference-store decision reads the alignment set: now TRL has prepared it.
+        self._alignment_prepared = True
+        super()._set_up_reference_and_fused_loss(*self._pending_reference_setup)
+
+    def _set_up_reference_and_fused_loss(self, *settings: Any) -> None:
+        # Called by SafeGradTrainer.__init__ before the alignment set is TRL-prepared (its
+        # rows counted there would be the raw text); deferred to the end of __init__.
+        if getattr(self, "_alignment_prepared", False):
+            super()._set_up_reference_and_fused_loss(*settings)
+        else:
+            self._pending_reference_setup = settings
 
     def _prepare_alignment_dataset(self, dataset: Any) -> Any:
         """TRL's preparation of ``dataset`` (no packing, no formatting_func), then the label check."""
