@@ -1,4 +1,4 @@
-"""One rank of the accelerate check; started by ``accelerate launch`` in tests/test_accelerate.py.
+"""One rank of the accelerate check; started by ``accelerate launch`` in tests/integrations/test_accelerate.py.
 
 Usage: ``accelerate launch --multi_gpu --num_processes 2 tests/_accelerate_worker.py OUT``
 (on a CPU-only machine: MULTI_CPU over gloo). SafeGrad on the tiny Llama + LoRA, 4

@@ -1,4 +1,4 @@
-"""One rank of the DeepSpeed checks; spawned twice by tests/test_deepspeed.py.
+"""One rank of the DeepSpeed checks; spawned twice by tests/integrations/test_deepspeed.py.
 
 Usage: ``python tests/_deepspeed_worker.py OUT_DIR RUN [RUN ...]`` with the torchrun
 environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and

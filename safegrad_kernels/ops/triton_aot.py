@@ -6,7 +6,7 @@ reads the cubin's resource usage. The same works for AMD (``GPUTarget("hip", "gf
 64)``: AMDGCN assembly and an HSACO, whose metadata carry VGPR/SGPR counts and spills),
 since the triton wheel bundles the AMD backend and its linker (measured with triton 3.9.0:
 1.5 s for the first kernel, 0.3 s after). ``aot_report()`` feeds ``safegrad info --aot``,
-the benchmarks and ``tests/test_triton_aot.py``.
+the benchmarks and ``tests/ops/test_triton_aot.py``.
 
 What AMD shows (triton 3.9.0, gfx942 and gfx90a): fp32 streaming bodies use 128-bit
 ``buffer_load_dwordx4``, but bf16/fp16 bodies only 64-bit ``buffer_load_dwordx2``: a

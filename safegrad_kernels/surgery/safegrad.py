@@ -89,7 +89,7 @@ class SafeGrad(Surgeon):
         # ||g_a||^2 = 7e-35 (1.8e-6 at 7e-37, where squares go subnormal), and the removed
         # c g_a has norm |<g_u, g_a>| / ||g_a|| <= ||g_u|| at any scale. Measured with
         # `safegrad train` on the `safegrad example` model and a float64 sweep, 2026-12-01;
-        # tests/test_small_alignment_gradient.py checks it.
+        # tests/surgery/test_small_alignment_gradient.py checks it.
         eps: float = 1e-30,
         # --- end issue 12 -------------------------------------------------------------------
         granularity: str = "global",

@@ -9,7 +9,6 @@ import json
 import re
 import shlex
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,6 +18,7 @@ pytest.importorskip("tokenizers")
 
 
 from helpers_example import block_model_loads, make_example_world, train_argv
+from paths import ROOT
 
 from safegrad_kernels import data
 from safegrad_kernels.cli import main
@@ -35,7 +35,7 @@ def no_model_load(monkeypatch):
     block_model_loads(monkeypatch)
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def _printed_commands(out: str) -> list[list[str]]:

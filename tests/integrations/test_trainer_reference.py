@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 from helpers_tiny_model import collate, tiny_llama, tiny_peft_model, toy_examples
-from test_integrations import CaptureGrads, assert_grads_close, make_trainer
+from test_trainer import CaptureGrads, assert_grads_close, make_trainer
 from transformers import Trainer
 
 import safegrad_kernels.integrations.reference as reference_module

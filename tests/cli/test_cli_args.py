@@ -7,9 +7,9 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from paths import ROOT
 
 from safegrad_kernels.cli.args import non_negative_float, non_negative_int, positive_int, ratio
 
@@ -57,7 +57,7 @@ print("OK")
 
 def test_help_and_info_need_no_transformers(tmp_path):
     # A fresh interpreter: this one has imported transformers already (other tests).
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),

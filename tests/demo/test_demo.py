@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+from paths import ROOT
 
 from safegrad_kernels.demo import world
 
@@ -180,10 +181,9 @@ def test_start_line_gives_the_work_the_expected_duration_and_the_output_folder()
     assert "of 150 steps each" in line and line.endswith("Output: safegrad_demo_out/")
     # The estimate comes from the recorded default run's costs: it must predict that run.
     import re
-    from pathlib import Path
 
     minutes, build = re.search(r"Expected: about (\d+) min \(\+(\d+) s to build", line).groups()
-    docs = Path(__file__).resolve().parents[1] / "docs" / "demo" / "results.json"
+    docs = ROOT / "docs" / "demo" / "results.json"
     recorded = json.loads(docs.read_text())["meta"]["runtime_s"]  # with --no-cache
     assert abs(60 * int(minutes) + int(build) - recorded) <= 0.1 * recorded, (line, recorded)
 

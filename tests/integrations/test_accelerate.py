@@ -12,16 +12,16 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from helpers_tiny_model import collate, tiny_llama, tiny_peft_model, toy_examples
+from paths import ROOT, TESTS
 from transformers import TrainingArguments
 
 from safegrad_kernels.integrations import SafeGradTrainer
 
-WORKER = Path(__file__).with_name("_accelerate_worker.py")
+WORKER = TESTS / "_accelerate_worker.py"
 TIMEOUT_S = 180  # the whole launch; about 20 s on 2 busy cores
 # DDP's C++ reducer prints this on every run with find_unused_parameters=True and a model
 # that uses all its parameters (a LoRA model, before the default below).
@@ -70,7 +70,7 @@ def launched(tmp_path_factory):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("needs torch.distributed with gloo")
     out = tmp_path_factory.mktemp("accelerate")
-    root = str(Path(__file__).parents[1])
+    root = str(ROOT)
     env = dict(
         os.environ,
         # No accelerate config file of the user's: the flags below are the whole config.

@@ -12,6 +12,7 @@ import re
 
 import pytest
 import torch
+from paths import ROOT
 
 from safegrad_kernels.ops import cpp_backend, library
 from safegrad_kernels.ops.torch_backend import TorchBackend
@@ -411,7 +412,7 @@ def test_built_wheel_carries_the_sources_and_builds(tmp_path):
     # Built from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
     root = tmp_path / "src"
     keep = ("pyproject.toml", "setup.py", "README.md", "csrc", "safegrad_kernels")
-    checkout = Path(__file__).resolve().parents[1]
+    checkout = ROOT
     for name in keep:
         src = checkout / name
         if src.is_dir():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from paths import ROOT
 
 from safegrad_kernels.cli import main
 
@@ -432,7 +433,7 @@ def test_train_under_torchrun_splits_the_data_across_ranks(world, tmp_path):
     out = tmp_path / "out"
     argv = _train_argv(world, out, "safegrad", 2)
     env = dict(os.environ, OMP_NUM_THREADS="1", TORCHELASTIC_ERROR_FILE="")
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
     with socket.socket() as sock:  # a free port (port 0 hangs the static rendezvous)

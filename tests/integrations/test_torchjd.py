@@ -5,13 +5,13 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("torchjd")
 
+from paths import ROOT
 from torchjd.aggregation import (
     IMTLG,
     MGDA,
@@ -386,7 +386,7 @@ def test_importing_the_package_does_not_import_torchjd():
 
 
 def test_benchmark_runs_and_every_provider_is_accurate():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(ROOT))
     from benchmarks import bench_torchjd
 
     results = bench_torchjd.main(["--tiny", "--no-save", "--backends", "torch", "--threads", "1"])

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from paths import ROOT, TESTS
 
 from safegrad_kernels.integrations.deepspeed import ZeroSurgery, check_supported
 
-WORKER = Path(__file__).with_name("_deepspeed_worker.py")
+WORKER = TESTS / "_deepspeed_worker.py"
 TIMEOUT_S = 240  # whole launch; about 55 s on 2 busy cores
 EXACT = [f"zero{s}:{m}" for s in (1, 2) for m in ("safegrad", "mixed")]
 REFUSED = ["zero0:safegrad", "zero3:safegrad", "zero3:mixed", "zero2:spf"]
@@ -43,7 +44,7 @@ def results(tmp_path_factory) -> Path:
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("needs torch.distributed with gloo")
     out = tmp_path_factory.mktemp("deepspeed")
-    root = str(Path(__file__).parents[1])
+    root = str(ROOT)
     env = dict(
         os.environ,
         DS_ACCELERATOR="cpu",

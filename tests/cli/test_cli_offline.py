@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from paths import ROOT
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -186,7 +187,7 @@ print("RESULT " + json.dumps({"codes": codes, "attempts": attempts, "env": env})
 def test_the_cli_never_opens_a_network_connection(tmp_path):
     # A fresh interpreter, so that the offline switches are set before transformers loads
     # (this one imported it long ago) and every socket is a tripwire from the start.
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
