@@ -5,6 +5,7 @@
     python -m benchmarks.bench_ops --workloads W1 --ops project_conflicting_ --dtypes bf16
     python -m benchmarks.bench_ops --tiny --no-save    # seconds; what the smoke test runs
     python -m benchmarks.bench_ops --tables-only       # rebuild the tables from the CSV
+    python -m benchmarks.bench_ops --overhead          # host overhead per step (bench_overhead)
 
 This runs every op family; ``python -m benchmarks.bench_<op>`` (dot_norms, project,
 gram, pcgrad) runs one, with the same flags. For every case (workload x dtype x op x m x
@@ -241,6 +242,11 @@ def parse_args(
     p.add_argument("--quick", action="store_true", help=QUICK_HELP)
     p.add_argument("--tiny", action="store_true", help="a tiny workload, seconds (smoke test)")
     p.add_argument(
+        "--overhead",
+        action="store_true",
+        help="only the host-overhead case: python -m benchmarks.bench_overhead (its defaults)",
+    )
+    p.add_argument(
         "--no-check",
         dest="check",
         action="store_false",
@@ -287,6 +293,11 @@ def parse_args(
 
 def main(argv: Sequence[str] | None = None, ops: Sequence[str] | None = None) -> list[Row]:
     args = parse_args(argv, ops)
+    if args.overhead:
+        from benchmarks import bench_overhead
+
+        bench_overhead.main([])
+        return []
     if args.tables_only:
         workloads = {r["workload"]: None for r in read_csv(Path(args.csv))}
         for path in report.write_tables(Path(args.csv), args.md, workloads):

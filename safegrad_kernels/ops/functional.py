@@ -11,19 +11,59 @@ Plain tensors then go through the ``safegrad::`` custom op of ``ops.library`` (o
 node in a compiled graph); sharded ones call the same pipeline function directly with
 the ``ShardInfo``, which adds one all-reduce of a few floats between the sums and the
 update. Nothing here reads a tensor value on the host.
+
+An eager call on plain tensors (see :func:`_eager`) also calls the pipeline directly:
+the custom-op boundary costs ~0.8 us per mutated tensor in Python (its per-tensor
+version bump) plus a redispatch, 0.35 ms of a 448-tensor call and 2 ms of a
+1,120-tensor one (cProfile, 4-element tensors, 2 shared cores). The op then behaves as
+through the boundary: the same checks (the pipeline's), the same kernels, and the
+mutated tensors' version counters bumped once, in one C++ call.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 
+import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from .. import distributed
 from . import library, pipeline, validate
 from .pipeline import PAIR_NAMES, list_names
 
 __all__ = ["combine_", "dot_norms", "gram", "project_conflicting_"]
+
+_PLAIN = frozenset({Tensor, torch.nn.Parameter})
+_REQUIRES_GRAD = attrgetter("requires_grad")
+
+
+def _eager(*lists: list[Tensor]) -> bool:
+    """Whether a call may skip the custom-op boundary and run the pipeline directly.
+
+    Only where the boundary would do nothing but run the pipeline: no tracing
+    (``torch.compile``), no dispatch or torch-function mode (fake tensors, ``make_fx``,
+    functionalization), no functorch transform, only plain tensors (no subclass, no
+    meta tensor, which the boundary hands to the fake), and no autograd edge to record
+    (the boundary would attach a backward to the output when an input requires grad).
+    """
+    if (
+        torch.compiler.is_compiling()
+        or is_in_torch_dispatch_mode()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    types: set[type] = set()
+    for lst in lists:
+        types.update(map(type, lst))
+    if not _PLAIN.issuperset(types):
+        return False
+    first = next((lst[0] for lst in lists if lst), None)
+    if first is not None and first.device.type == "meta":
+        return False
+    return not (torch.is_grad_enabled() and any(any(map(_REQUIRES_GRAD, lst)) for lst in lists))
 
 
 def dot_norms(
@@ -47,7 +87,7 @@ def dot_norms(
     """
     grads, refs = validate.tensor_list("grads", grads), validate.tensor_list("refs", refs)
     (grads, refs), shard = distributed.localize(grads, refs, names=PAIR_NAMES)
-    if shard is None:
+    if shard is None and not _eager(grads, refs):
         return library.dot_norms(grads, refs, per_tensor, backend)
     return pipeline.dot_norms(grads, refs, per_tensor, backend, shard)
 
@@ -76,11 +116,14 @@ def project_conflicting_(
     grads, refs = validate.tensor_list("grads", grads), validate.tensor_list("refs", refs)
     rho, eps = validate.python_float("rho", rho), validate.python_float("eps", eps)
     (grads, refs), shard = distributed.localize(grads, refs, names=PAIR_NAMES)
-    if shard is None:
+    if shard is None and not _eager(grads, refs):
         return library.project_conflicting_(grads, refs, rho, eps, per_tensor, backend)
     # Every rank validates its local tensors before the collective, so a bad call
     # raises on every rank before any rank mutates.
-    return pipeline.project_conflicting_(grads, refs, rho, eps, per_tensor, backend, shard)
+    out = pipeline.project_conflicting_(grads, refs, rho, eps, per_tensor, backend, shard)
+    if shard is None:  # what the boundary does for a mutated list (sharded: as before)
+        torch._C._increment_version(grads)
+    return out
 
 
 def gram(lists: Sequence[Sequence[Tensor]], *, backend: str | None = None) -> Tensor:

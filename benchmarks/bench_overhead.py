@@ -1,0 +1,143 @@
+"""Host overhead of one ``SafeGrad.step()``: the time the GPU would wait on Python.
+
+    python -m benchmarks.bench_overhead                       # cpp and triton, 448/1120/5000
+    python -m benchmarks.bench_overhead --counts 448 --backends cpp --repeats 400
+    python -m benchmarks.bench_ops --overhead                 # the same, from bench_ops
+
+Every tensor has 4 elements, so the kernels' own work is negligible and what is timed
+is the host side: building the lists in ``SafeGrad.step``, validation, grouping,
+backend resolution, the kernel-op calls and the stats. The triton path runs on CPU
+tensors with its launch function stubbed out (``triton_backend._launch`` does nothing):
+it measures everything the triton backend does on the host (pointer-table lookup,
+chunk metadata, launch arguments) except the launch itself, which on a GPU costs a few
+us per kernel (3 kernels per global step). For cpp the measured time includes the two
+C++ kernel ops, run for real on 4-element tensors.
+
+Besides the whole step it times each stage of the op pipeline on the same lists, so
+that the breakdown (validation, grouping, resolve, kernels, the op boundary) reads
+beside the total. Medians over ``--repeats`` calls; the load average is printed, since
+the machine may be shared. Nothing is saved: the numbers go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from safegrad_kernels import SafeGrad
+from safegrad_kernels.ops import library, pipeline, validate
+from safegrad_kernels.ops.dispatch import resolve
+
+NUMEL = 4
+# The target of issue 14 item 3: 0.2 ms for W1's 448 tensors, 0.5 us per further tensor.
+TARGET_BASE_MS, TARGET_BASE_N, TARGET_PER_TENSOR_US = 0.2, 448, 0.5
+
+
+def median_us(fn: Callable[[], object], repeats: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def target_ms(n: int) -> float:
+    return TARGET_BASE_MS + max(n - TARGET_BASE_N, 0) * TARGET_PER_TENSOR_US / 1e3
+
+
+def measure(backend: str, n: int, repeats: int) -> dict[str, float]:
+    """Median microseconds of the whole step and of each pipeline stage, ``n`` tensors."""
+    gen = torch.Generator().manual_seed(n)
+    params = [torch.nn.Parameter(torch.randn(NUMEL, generator=gen)) for _ in range(n)]
+    for p in params:
+        p.grad = torch.randn(NUMEL, generator=gen)
+    refs = [torch.randn(NUMEL, generator=gen) for _ in range(n)]
+    grads = [p.grad for p in params]
+    surgeon = SafeGrad(params, rho=1.0, backend=backend)
+
+    def step() -> None:
+        surgeon._slots[0] = list(refs)  # what a reference() backward leaves there
+        surgeon.step()
+
+    kernels = resolve(backend, torch.device("cpu"))
+    coef = torch.zeros(n)
+    lists = (grads, refs)
+    args = (grads, refs, 1.0, 1e-30, False, backend)
+    return {
+        "step": median_us(step, repeats),
+        "check_lists": median_us(
+            lambda: validate.check_lists(pipeline.PAIR_NAMES, lists, written=True), repeats
+        ),
+        "group_by_dtype": median_us(lambda: pipeline.group_by_dtype(lists), repeats),
+        "resolve": median_us(lambda: resolve(backend, torch.device("cpu")), repeats),
+        "kernel dot_norms": median_us(lambda: kernels.dot_norms(grads, refs), repeats),
+        "kernel axpy_ (c=0)": median_us(lambda: kernels.axpy_(grads, refs, coef), repeats),
+        "pipeline op": median_us(lambda: pipeline.project_conflicting_(*args), repeats),
+        "custom op (boundary)": median_us(lambda: library.project_conflicting_(*args), repeats),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--counts", default="448,1120,5000", help="comma list of tensor counts")
+    p.add_argument("--backends", default="cpp,triton", help="comma list of cpp, triton, torch")
+    p.add_argument("--repeats", type=int, default=200)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
+    args = parse_args(argv)
+    counts = [int(c) for c in args.counts.split(",") if c]
+    backends = [b for b in args.backends.split(",") if b]
+    print(
+        f"host overhead, {NUMEL}-element tensors, load average {os.getloadavg()[0]:.2f}, "
+        f"{os.cpu_count()} cpus, torch {torch.__version__}"
+    )
+    rows: list[dict[str, object]] = []
+    for backend in backends:
+        restore = None
+        if backend == "triton":
+            if not torch.cuda.is_available():  # CPU tensors: the interpreter's backend
+                os.environ.setdefault("TRITON_INTERPRET", "1")
+            from safegrad_kernels.ops import triton_backend
+
+            ok, why = triton_backend.TritonBackend().available()
+            if not ok:
+                print(f"triton: skipped ({why})")
+                continue
+            # The host side only: no kernel launch (see the module docstring).
+            restore, triton_backend._launch = triton_backend._launch, lambda *a, **k: None
+        try:
+            for n in counts:
+                res = measure(backend, n, args.repeats)
+                goal = target_ms(n) * 1e3
+                verdict = "ok" if res["step"] <= goal else "over"
+                print(
+                    f"\n{backend}, {n} tensors: step {res['step']:.0f} us "
+                    f"(target {goal:.0f} us: {verdict}; {res['step'] / n:.2f} us/tensor)"
+                )
+                for stage, us in res.items():
+                    if stage != "step":
+                        print(f"  {stage:<22} {us:9.1f} us")
+                rows.append({"backend": backend, "n": n, **res, "target_us": goal})
+        finally:
+            if restore is not None:
+                triton_backend._launch = restore
+    return rows
+
+
+if __name__ == "__main__":
+    main()
