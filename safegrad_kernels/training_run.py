@@ -48,6 +48,7 @@ RESUME_INVARIANTS = (
     "alignment_loss",
     "kl_positions",
     "surgery_granularity",
+    "alignment_every",  # issue 13: the refresh schedule and the kept g_a
     "lora_r",
     "lora_alpha",
     "lora_dropout",
@@ -236,6 +237,7 @@ def _method_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "surgery_backend": args.surgery_backend,
         "surgery_granularity": args.surgery_granularity,
         "cache_reference": args.cache_reference,
+        "alignment_every": args.alignment_every,  # issue 13
     }
     return {k: v for k, v in kwargs.items() if v is not None}
 

@@ -160,6 +160,16 @@ def _add_method_arguments(method: Options) -> None:
         choices=("triton", "cpp", "torch"),
         help="op backend for the surgery (default: auto, see `safegrad info`)",
     )
+    # -- alignment refresh (issue 13); default: the registry's (a test checks they agree)
+    method.add_argument(
+        "--alignment-every",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="compute the alignment gradient every K optimizer steps and project against "
+        "the kept one in between (safegrad; costs one gradient-sized buffer)",
+    )
+    # -- end alignment refresh
     method.add_argument(
         "--cache-reference",
         action="store_true",
