@@ -57,7 +57,7 @@ among the variants, warm-up and timed steps are rounded up to whole periods (the
 the K's), so means cover whole refresh cycles. Ratios "x sft" are medians over periods
 of (variant time / sft time) in the same rounds, which run round-robin in a rotated
 order, so a neighbour's load burst hits both sides of a ratio alike; memory ratios use
-the training memory (peak - base). ``TARGETS`` holds the targets of issue 13; each is
+the training memory (peak - base). ``ISSUE13_TARGETS`` holds issue 13's targets; each is
 printed with its ratio and a verdict when its variant and sft were both measured.
 
 Phases are timed with ``time.perf_counter`` (CPU: every op is synchronous).
