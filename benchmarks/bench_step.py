@@ -3,6 +3,8 @@
     python -m benchmarks.bench_step                 # demo + cpu-large configs (~5 min)
     python -m benchmarks.bench_step --configs demo --steps 5
     python -m benchmarks.bench_step --tiny --no-save   # seconds; what the smoke test runs
+    python -m benchmarks.bench_step --configs cpu-large --cost-study --threads 1 \
+        --warmup 4 --steps 16 --md benchmarks/results/step_cost.md   # issue 13's options
 
 Timing: all methods of a config live in one process and are stepped round-robin, so
 that a busy machine slows them alike (this 2-core VM is shared; single runs varied 3x).
@@ -33,6 +35,31 @@ plus the benchmark-only ``authors`` baseline:
               all positions, ``g_u``/``g_a`` cloned per parameter, flattened with
               ``torch.cat``, a host ``if dot < 0``, and ``p.grad = g_u - s g_a + rho g_a``.
 
+Variants (``--methods`` takes them beside the plain names): ``METHOD[+cache][+every=K]
+[+ab=N]`` runs a registry method with a SafeGradTrainer option, through the mechanism the
+trainer uses for it, in this benchmark's own loop (``StepRunner``, not the HF Trainer,
+whose loop overhead is the same with or without a defense):
+
+``+cache``    ``cache_reference=True``: ``losses.ReferenceCache``, as the trainer's
+              ``_reference`` calls it. It is filled once after set-up (the trainer fills
+              it on each example's first visit; the issue moves that before the first
+              step), so the timed steps are its steady state; its host memory counts in
+              the training memory (it is filled after the set-up RSS is read).
+``+every=K``  ``alignment_every=K``: the registry's setting, so the surgeon's own
+              ``wants_reference`` decides (``Method.alignment_due``), as in the trainer;
+              alignment batches advance only on refresh steps.
+``+ab=N``     ``alignment_batch_size=N``: the alignment pool (4 task batches' worth of
+              examples) cut into batches of N.
+
+``--cost-study`` runs, per config, sft and SafeGrad live / cached / ``every=4`` / cached
+``every=4`` / alignment batch = half and a quarter of the task batch. With ``K > 1``
+among the variants, warm-up and timed steps are rounded up to whole periods (the lcm of
+the K's), so means cover whole refresh cycles. Ratios "x sft" are medians over periods
+of (variant time / sft time) in the same rounds, which run round-robin in a rotated
+order, so a neighbour's load burst hits both sides of a ratio alike; memory ratios use
+the training memory (peak - base). ``ISSUE13_TARGETS`` holds issue 13's targets; each is
+printed with its ratio and a verdict when its variant and sft were both measured.
+
 Phases are timed with ``time.perf_counter`` (CPU: every op is synchronous).
 """
 
@@ -45,11 +72,13 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,6 +145,21 @@ CONFIGS: dict[str, tuple[dict, int, int]] = {
         1,
         64,
     ),
+    # Issue 13's large-vocabulary shape (Llama-3's 128256 tokens), CPU-sized otherwise:
+    # every pass materialises [tokens, vocab] logits, which is where memory goes.
+    "vocab128k": (
+        dict(
+            vocab_size=128256,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+        ),
+        2,
+        256,
+    ),
     # For the smoke test only.
     "tiny": (
         dict(
@@ -130,6 +174,78 @@ CONFIGS: dict[str, tuple[dict, int, int]] = {
         16,
     ),
 }
+
+
+# LoRA targets where a config does not use all linear layers (TARGETS).
+CONFIG_LORA_TARGETS = {"vocab128k": ("q_proj", "v_proj")}
+
+# Issue 13's targets: (config, variant, "time" | "memory", at most this many x sft).
+# "safegrad*" means every SafeGrad variant measured.
+ISSUE13_TARGETS: tuple[tuple[str, str, str, float], ...] = (
+    ("cpu-large", "safegrad+cache+every=4", "time", 1.35),
+    ("cpu-large", "safegrad+cache", "time", 2.0),
+    ("vocab128k", "safegrad*", "memory", 1.1),
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A registry method (or ``authors``) with the trainer options this benchmark measures."""
+
+    method: str
+    cache: bool = False
+    alignment_every: int = 1
+    alignment_batch: int | None = None  # None: the task batch size
+
+    @property
+    def label(self) -> str:
+        parts = [self.method]
+        if self.cache:
+            parts.append("cache")
+        if self.alignment_every != 1:
+            parts.append(f"every={self.alignment_every}")
+        if self.alignment_batch is not None:
+            parts.append(f"ab={self.alignment_batch}")
+        return "+".join(parts)
+
+
+def parse_variant(text: str) -> Variant:
+    """``METHOD[+cache][+every=K][+ab=N]`` (see the module docstring)."""
+    method, *options = text.split("+")
+    if method not in METHODS:
+        raise ValueError(f"{text!r}: method must be one of {METHODS}")
+    kw: dict = {}
+    for opt in options:
+        if opt == "cache":
+            kw["cache"] = True
+        elif m := re.fullmatch(r"(every|ab)=([1-9][0-9]*)", opt):
+            kw["alignment_every" if m[1] == "every" else "alignment_batch"] = int(m[2])
+        else:
+            raise ValueError(f"{text!r}: unknown option {opt!r} (cache, every=K, ab=N)")
+    variant = Variant(method, **kw)
+    spec = None if method == AUTHORS else get_method(method)
+    if options and (spec is None or not spec.needs_alignment):
+        raise ValueError(f"{text!r}: {method} has no alignment pass to change")
+    if variant.cache and spec.alignment_loss != "kl":
+        raise ValueError(f"{text!r}: the reference cache holds KL reference logits")
+    # A method without the registry's hyperparameter (mixed, spf) has no refresh to set.
+    if variant.alignment_every != 1 and "alignment_every" not in spec.defaults:
+        raise ValueError(f"{text!r}: {method} has no alignment_every setting")
+    return variant
+
+
+def cost_study(config: str) -> list[str]:
+    """Issue 13's comparison on ``config``: sft and SafeGrad with each cost option."""
+    bsz = CONFIGS[config][1]
+    smaller = sorted({max(bsz // 2, 1), max(bsz // 4, 1)} - {bsz}, reverse=True)
+    return [
+        "sft",
+        "safegrad",
+        "safegrad+cache",
+        "safegrad+every=4",
+        "safegrad+cache+every=4",
+        *[f"safegrad+ab={n}" for n in smaller],
+    ]
 
 
 def _vm_kib(field: str) -> int:
@@ -158,10 +274,14 @@ class StepRunner:
         from transformers.utils import logging as hf_logging
 
         from safegrad_kernels.integrations.peft import lora_parameters
+        from safegrad_kernels.losses import ReferenceCache
 
         hf_logging.set_verbosity_error()
         torch.manual_seed(seed)
-        self.config, self.method = config, method
+        variant = parse_variant(method)
+        self.config, self.variant = config, variant
+        self.method = variant.label
+        method = variant.method
         cfg_kwargs, bsz, seq = CONFIGS[config]
         base = LlamaForCausalLM(LlamaConfig(**cfg_kwargs))
         self.model_params = sum(p.numel() for p in base.parameters())
@@ -173,7 +293,8 @@ class StepRunner:
             self.ref_model = copy.deepcopy(base).eval()
             for p in self.ref_model.parameters():
                 p.requires_grad_(False)
-        lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(TARGETS))
+        targets = CONFIG_LORA_TARGETS.get(config, TARGETS)
+        lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=list(targets))
         self.model = get_peft_model(base, lcfg)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
@@ -185,24 +306,43 @@ class StepRunner:
         gen = torch.Generator().manual_seed(seed)
         vocab = cfg_kwargs["vocab_size"]
         self.user = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
-        self.align = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
-        self.settings = self.spec.validate(**SETTINGS) if self.spec is not None else {}
+        # The alignment pool: 4 task batches' worth of examples, cut into alignment batches
+        # (as the trainer's alignment loader does), each with its dataset indices.
+        pool = _batch(vocab, 4 * bsz, seq, gen)
+        ab = variant.alignment_batch or bsz
+        self.align = [
+            ({k: v[i : i + ab] for k, v in pool.items()}, list(range(i, min(i + ab, 4 * bsz))))
+            for i in range(0, 4 * bsz, ab)
+        ]
+        settings = dict(SETTINGS, alignment_every=variant.alignment_every)
+        self.settings = self.spec.validate(**settings) if self.spec is not None else {}
         self.surgeon = self.spec.build_surgeon(self.params, self.settings) if self.spec else None
+        self.cache = ReferenceCache(positions="response") if variant.cache else None
         self.model.train()
         self.n = 0
+        self.alignment_passes = 0
+
+    def prefill(self) -> None:
+        """Fill the reference cache (if any) with every alignment example; untimed set-up."""
+        if self.cache is not None:
+            for batch, indices in self.align:
+                self.cache.get(self.model, batch, indices)
 
     def step(self) -> tuple[dict[str, float], float]:
         """One optimizer step; (seconds per phase, total seconds)."""
         from safegrad_kernels.losses import kl_alignment_loss, reference_logits
 
         model, params, opt, surgeon = self.model, self.params, self.opt, self.surgeon
-        ub, ab = self.user[self.n % 4], self.align[self.n % 4]
+        ub = self.user[self.n % 4]
+        # The next alignment batch in the cycle; it advances only on steps that use one.
+        ab, ab_indices = self.align[self.alignment_passes % len(self.align)]
         self.n += 1
         ph = dict.fromkeys(PHASES, 0.0)
         t = time.perf_counter
         t_step = t()
         spec = self.spec
         if spec is None:  # the authors' step
+            self.alignment_passes += 1
             # -- task gradient, cloned
             s0 = t()
             loss_u = response_ce(model(**model_inputs(ub)).logits, ub["labels"])
@@ -230,6 +370,7 @@ class StepRunner:
             s0 = t()
             loss_a.backward()
             ph["align_bwd"] = t() - s0
+            del ref, logits, kl, loss_a  # see the other branch
             # -- surgery: clones, flatten, host branch, new gradients
             s0 = t()
             g_a = [p.grad.clone() for p in params]
@@ -243,9 +384,15 @@ class StepRunner:
             ph["surgery"] += t() - s0
         else:
             if spec.alignment_due(surgeon):
+                self.alignment_passes += 1
                 kl = spec.alignment_loss == "kl"
                 s0 = t()
-                ref = reference_logits(model, ab) if kl else None
+                if not kl:
+                    ref = None
+                elif self.cache is not None:  # as SafeGradTrainer._reference
+                    ref = self.cache.get(model, ab, ab_indices)
+                else:
+                    ref = reference_logits(model, ab)
                 ph["ref_fwd"] = t() - s0
                 ctx = surgeon.reference() if surgeon is not None else contextlib.nullcontext()
                 with ctx:
@@ -262,6 +409,10 @@ class StepRunner:
                     s0 = t()
                     loss_a.backward()
                     ph["align_bwd"] = t() - s0
+                # A trainer's alignment loss function returns and drops these before the
+                # task pass; held here they added two [tokens, vocab] tensors to the
+                # peak (+503 MiB on vocab128k, where SFT's training memory is 781 MiB).
+                del ref, logits, loss_a
             s0 = t()
             loss_u = response_ce(model(**model_inputs(ub)).logits, ub["labels"])
             ph["task_fwd"] = t() - s0
@@ -279,22 +430,35 @@ class StepRunner:
         return ph, t() - t_step
 
 
+def period(methods: Sequence[str]) -> int:
+    """Steps in one refresh cycle of every variant (the lcm of their ``every=K``)."""
+    return math.lcm(*(parse_variant(m).alignment_every for m in methods))
+
+
 def time_methods(
     config: str, methods: Sequence[str], steps: int, warmup: int, seed: int
 ) -> list[dict]:
     """All methods in this process, stepped round-robin so that they share the machine's noise.
 
-    SPF's basis refresh (every 10 steps) falls into the timed window when ``steps >= 10``.
+    Each round steps every method once, in an order rotated by one per round. ``steps``
+    and ``warmup`` are rounded up to whole periods (``period``). SPF's basis refresh
+    (every 10 steps) falls into the timed window when ``steps >= 10``.
     """
+    k = period(methods)
+    steps, warmup = -(-steps // k) * k, -(-warmup // k) * k
     runners = [StepRunner(config, m, seed) for m in methods]
-    times = {m: {p: [] for p in PHASES} for m in methods}
-    totals: dict[str, list[float]] = {m: [] for m in methods}
+    for r in runners:
+        r.prefill()
+    names = [r.method for r in runners]
+    times = {m: {p: [] for p in PHASES} for m in names}
+    totals: dict[str, list[float]] = {m: [] for m in names}
     for step in range(warmup + steps):
-        for r in runners:
+        shift = step % len(runners)
+        for r in runners[shift:] + runners[:shift]:
             ph, total = r.step()
             if step >= warmup:
-                for k in PHASES:
-                    times[r.method][k].append(ph[k])
+                for key in PHASES:
+                    times[r.method][key].append(ph[key])
                 totals[r.method].append(total)
     out = []
     for r in runners:
@@ -306,12 +470,22 @@ def time_methods(
                 "lora_params": r.lora_params,
                 "model_params": r.model_params,
                 "steps": steps,
-                "phases_ms": {k: 1e3 * statistics.fmean(v) for k, v in times[m].items()},
+                "warmup": warmup,
+                "period": k,
+                "phases_ms": {key: 1e3 * statistics.fmean(v) for key, v in times[m].items()},
                 "step_ms_mean": 1e3 * statistics.fmean(totals[m]),
                 "step_ms_median": 1e3 * statistics.median(totals[m]),
+                "period_ratios": _period_ratios(totals[m], totals.get("sft"), k),
             }
         )
     return out
+
+
+def _period_ratios(times: list[float], sft: list[float] | None, k: int) -> list[float] | None:
+    """Per whole period: this method's time over sft's in the same rounds."""
+    if sft is None:
+        return None
+    return [sum(times[i : i + k]) / sum(sft[i : i + k]) for i in range(0, len(times), k)]
 
 
 def _untimed(config: str, method: str, seed: int) -> dict:
@@ -327,6 +501,7 @@ def _untimed(config: str, method: str, seed: int) -> dict:
         "phases_ms": dict.fromkeys(PHASES, nan),
         "step_ms_mean": nan,
         "step_ms_median": nan,
+        "period_ratios": None,
     }
 
 
@@ -339,6 +514,7 @@ def memory_worker(config: str, method: str, steps: int, seed: int) -> dict:
     dot_norms([torch.ones(8)], [torch.ones(8)])
     runner = StepRunner(config, method, seed)
     base = _vm_kib("VmRSS")
+    runner.prefill()  # the reference cache is training memory: filled after the base
     for _ in range(steps):
         runner.step()
     return {"base_rss_mib": base / 1024, "peak_rss_mib": _vm_kib("VmHWM") / 1024}
@@ -395,6 +571,88 @@ def table(results: Sequence[dict]) -> list[str]:
     return lines
 
 
+def _train_mib(r: dict) -> float:
+    return r["peak_rss_mib"] - r["base_rss_mib"]
+
+
+def _ratio_cells(r: dict, sft: dict | None) -> tuple[str, str, str]:
+    """(x sft time, its range over periods, x sft training memory) as table cells."""
+    if sft is None:
+        return "-", "-", "-"
+    ratios = r.get("period_ratios")
+    time_x = f"{statistics.median(ratios):.2f}" if ratios else "-"
+    spread = f"{min(ratios):.2f}-{max(ratios):.2f} ({len(ratios)})" if ratios else "-"
+    mem = _train_mib(r) / _train_mib(sft) if _train_mib(sft) > 0 else math.nan
+    return time_x, spread, "-" if math.isnan(mem) else f"{mem:.2f}"
+
+
+def ratio_table(results: Sequence[dict]) -> list[str]:
+    """Each method against sft, measured side by side: time per step and training memory."""
+    sft = next((r for r in results if r["method"] == "sft"), None)
+    head = [
+        "method",
+        "step ms (mean)",
+        "x sft (median)",
+        "x sft range (periods)",
+        "train MiB",
+        "train x sft",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        time_x, spread, mem_x = _ratio_cells(r, sft)
+        cells = [
+            r["method"],
+            f"{r['step_ms_mean']:.1f}",
+            time_x,
+            spread,
+            f"{_train_mib(r):.0f}",
+            mem_x,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def target_verdicts(
+    config: str,
+    results: Sequence[dict],
+    targets: Sequence[tuple[str, str, str, float]] = ISSUE13_TARGETS,
+) -> list[str]:
+    """Each target of ``config``: its ratio to sft, the target and MET / NOT MET."""
+    by = {r["method"]: r for r in results}
+    sft = by.get("sft")
+    out = []
+    for cfg, variant, metric, limit in targets:
+        if cfg != config:
+            continue
+        names = (
+            [m for m in by if m.startswith(variant[:-1])] if variant.endswith("*") else [variant]
+        )
+        for name in names:
+            r = by.get(name)
+            what = f"{name} {'step time' if metric == 'time' else 'training memory'}"
+            if r is None or sft is None:
+                out.append(f"{what}: target <= {limit:g}x sft (issue 13): not measured in this run")
+                continue
+            if metric == "time":
+                ratios = r.get("period_ratios") or [math.nan]
+                value = statistics.median(ratios)
+                detail = (
+                    f"median of {len(ratios)} paired periods, {min(ratios):.2f}-{max(ratios):.2f}"
+                )
+            else:
+                base = _train_mib(sft)
+                value = _train_mib(r) / base if base > 0 else math.nan
+                detail = f"{_train_mib(r):.0f} vs {base:.0f} MiB above set-up"
+            if math.isnan(value):
+                verdict = "not measured in this run"
+            else:
+                verdict = "MET" if value <= limit else "NOT MET"
+            out.append(
+                f"{what}: {value:.2f}x sft ({detail}); target <= {limit:g}x (issue 13): {verdict}"
+            )
+    return out
+
+
 def verdicts(results: Sequence[dict]) -> list[str]:
     by = {r["method"]: r for r in results}
     out = []
@@ -431,6 +689,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     add_threads_argument(p)
+    p.add_argument(
+        "--cost-study",
+        action="store_true",
+        help="issue 13's variants per config (sft, safegrad live/cache/every=4/cache+every=4, "
+        "alignment batch 1/2 and 1/4 of the task batch) instead of --methods",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny config, 2 steps (smoke test)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps run in each memory subprocess")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -446,6 +710,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         args.configs, args.steps, args.warmup, args.mem_steps = "tiny", 2, 1, 1
     configs = [c for c in args.configs.split(",") if c]
     methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        parse_variant(m)  # a typo fails before any model is built
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_worker:
@@ -469,8 +735,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             f"torch {prov['torch']}, "
             f"commit {prov['commit']}, date {prov['date']}, load average at start {load}",
             f"- command: `python -m benchmarks.bench_step {' '.join(argv if argv is not None else sys.argv[1:])}`",
-            f"- {args.steps} timed steps after {args.warmup} warm-up steps, the methods stepped "
-            "round-robin in one process (they share the machine's noise); phase times are means "
+            f"- {args.steps} timed steps after {args.warmup} warm-up steps (both rounded up to "
+            "whole refresh periods, see each config), the methods stepped round-robin in a "
+            "rotated order in one process (they share the machine's noise); phase times are means "
             f"per step in ms; peak = VmHWM of a fresh process running {args.mem_steps} steps of "
             "that method alone; base = its RSS after building model, optimizer and batches",
             "",
@@ -478,11 +745,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     )
     for config in configs:
         t0 = time.perf_counter()
+        run_methods = cost_study(config) if args.cost_study else methods
         if args.memory_only:
-            results = [_untimed(config, m, args.seed) for m in methods]
+            results = [_untimed(config, m, args.seed) for m in run_methods]
         else:
-            results = time_methods(config, methods, args.steps, args.warmup, args.seed)
-        print(f"# {config}: timed {len(methods)} methods in {time.perf_counter() - t0:.0f} s")
+            results = time_methods(config, run_methods, args.steps, args.warmup, args.seed)
+        print(f"# {config}: timed {len(run_methods)} methods in {time.perf_counter() - t0:.0f} s")
         for r in results:
             mem = {"base_rss_mib": math.nan, "peak_rss_mib": math.nan}
             if not args.no_memory:
@@ -494,17 +762,33 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             )
         r0 = results[0]
         cfg_kwargs, bsz, seq = CONFIGS[config]
+        lora = (
+            ",".join(CONFIG_LORA_TARGETS[config]) if config in CONFIG_LORA_TARGETS else "all linear"
+        )
         title = (
             f"{config}: hidden {cfg_kwargs['hidden_size']}, {cfg_kwargs['num_hidden_layers']} "
-            f"layers, {r0['model_params'] / 1e6:.1f}M params, LoRA r=8 all linear "
+            f"layers, {r0['model_params'] / 1e6:.1f}M params, LoRA r=8 {lora} "
             f"{r0['lora_params'] / 1e3:.0f}k params, batch {bsz} x {seq} tokens"
         )
         lines = table(results)
+        ratios = ratio_table(results)
+        said = [*verdicts(results), *target_verdicts(config, results)]
+        load_now = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        note = f"load average at the end of this config {load_now}"
+        if not args.memory_only:
+            note = (
+                f"{r0['steps']} timed steps after {r0['warmup']} warm-up steps (whole periods "
+                f"of {r0['period']} steps); {note}"
+            )
         print(f"\n## {title}\n")
         print("\n".join(lines))
-        for v in verdicts(results):
+        print()
+        print("\n".join(ratios))
+        for v in said:
             print(f"# {v}")
-        md += [f"## {title}", "", *lines, "", *[f"- {v}" for v in verdicts(results)], ""]
+        print(f"# {note}")
+        md += [f"## {title}", "", *lines, "", *ratios, "", *[f"- {v}" for v in said]]
+        md += [f"- {note}", ""]
         all_results.extend(results)
     if not args.no_save:
         path = Path(args.csv)

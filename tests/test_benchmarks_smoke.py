@@ -10,6 +10,8 @@ import csv
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_ops, bench_step
@@ -54,3 +56,48 @@ def test_bench_step_tiny():
     lines = bench_step.table(results)
     assert lines[2].startswith("| sft |")
     assert any("surgery share" in v for v in bench_step.verdicts(results))
+
+
+def test_bench_step_variants_use_the_trainer_mechanisms():
+    runner = bench_step.StepRunner("tiny", "safegrad+cache+every=2+ab=1", seed=0)
+    assert runner.surgeon.alignment_every == 2
+    assert [len(idx) for _, idx in runner.align] == [1] * len(runner.align)
+    runner.prefill()
+    assert runner.cache.misses == len(runner.align) and runner.cache.hits == 0
+    for _ in range(5):
+        runner.step()
+    assert runner.alignment_passes == 3  # steps 0, 2, 4
+    assert runner.cache.hits == 3
+    for bad in ("safegrad+every=0", "sft+cache", "spf+cache", "mixed+every=2", "safegrad+fast"):
+        with pytest.raises(ValueError):
+            bench_step.parse_variant(bad)
+    assert bench_step.parse_variant("safegrad+ab=2+cache").label == "safegrad+cache+ab=2"
+    assert bench_step.cost_study("cpu-large")[-2:] == ["safegrad+ab=2", "safegrad+ab=1"]
+
+
+def test_bench_step_ratios_and_target_verdicts():
+    methods = ["sft", "safegrad+every=2", "safegrad+cache"]
+    results = bench_step.time_methods("tiny", methods, steps=1, warmup=0, seed=0)
+    assert [r["steps"] for r in results] == [2, 2, 2]  # rounded up to a whole period
+    assert [len(r["period_ratios"]) for r in results] == [1, 1, 1]
+    assert results[0]["period_ratios"] == [1.0]
+    for r, extra in zip(results, (10.0, 11.0, 30.0)):
+        r.update(base_rss_mib=100.0, peak_rss_mib=100.0 + extra)
+    lines = bench_step.ratio_table(results)
+    assert lines[2].startswith("| sft |") and len(lines) == 2 + len(methods)
+    assert lines[4].endswith("| 30 | 3.00 |")
+    ratio = results[2]["period_ratios"][0]
+    targets = [
+        ("tiny", "safegrad+cache", "time", ratio + 0.01),
+        ("tiny", "safegrad+cache", "time", ratio - 0.01),
+        ("tiny", "safegrad*", "memory", 2.0),
+        ("tiny", "safegrad+cache+every=4", "time", 1.35),
+        ("other", "safegrad", "time", 1.0),
+    ]
+    said = bench_step.target_verdicts("tiny", results, targets)
+    assert len(said) == 5
+    assert said[0].endswith(": MET") and said[1].endswith(": NOT MET")
+    # "safegrad*": one line per SafeGrad variant measured (every=2: 11 MiB, cache: 30 MiB)
+    assert "1.10x sft" in said[2] and said[2].endswith(": MET")
+    assert "3.00x sft" in said[3] and said[3].endswith(": NOT MET")
+    assert said[4].endswith("not measured in this run")

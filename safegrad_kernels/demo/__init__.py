@@ -88,6 +88,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lam", type=_floats, default=None, help="mixed lambda values (default 0.1,1.0)"
     )
+    parser.add_argument(
+        "--alignment-every",
+        type=_ints,
+        default=None,
+        metavar="K,...",
+        help="SafeGrad alignment refresh periods to compare (e.g. 1,2,4,8): safegrad runs "
+        "once per k on the same seeds, and the report gives HS/FA per k (default: k=1 only)",
+    )
     parser.add_argument("--out", type=Path, default=Path("safegrad_demo_out"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="~1 minute smoke run (CI)")
     parser.add_argument(
@@ -120,12 +128,21 @@ def _settings(args: argparse.Namespace) -> dict:
     if getattr(args, "safety_covers_poison", False):
         uspec = replace(uspec, safety_groups=(*world.ALIGNMENT_GROUPS, "poison"))
     weights = _floats(QUICK["weights"]) if quick else [0.1, 1.0]
+    refresh = getattr(args, "alignment_every", None)
+    if refresh is not None:
+        from ..surgery import HYPERPARAMETERS
+
+        refresh = [HYPERPARAMETERS["alignment_every"].validate(k) for k in refresh]
+        if not refresh:
+            raise ValueError("--alignment-every needs at least one k")
     return {
         "methods": args.methods or list(METHODS),
         "ratios": args.ratios or (_floats(QUICK["ratios"]) if quick else [0.0, 0.1, 0.2, 0.3, 0.5]),
         "seeds": args.seeds or (_ints(QUICK["seeds"]) if quick else [0, 1, 2]),
         "rho": args.rho or weights,
         "lam": args.lam or weights,
+        # None: no refresh sweep (every method at its default, labels without k).
+        "alignment_every": refresh,
         "model": mspec,
         "align": aspec,
         "user": uspec,
@@ -133,17 +150,27 @@ def _settings(args: argparse.Namespace) -> dict:
     }
 
 
-def _grid(s: dict) -> list[tuple[str, float | None, float, int]]:
+def _grid(s: dict) -> list[tuple[str, float | None, int | None, float, int]]:
+    """(method, swept weight, alignment_every k or None, p, seed) of every run.
+
+    The k sweep applies to the methods that have the setting (SafeGrad); each k runs on
+    the same seeds (same data, same adapter init), so runs differ only in k.
+    """
+    from ..surgery import get_method
     from .train import swept
 
     runs = []
     for method in s["methods"]:
         name = swept(method)
         weights = s[name] if name is not None else [None]
+        refresh = s.get("alignment_every")
+        has_refresh = "alignment_every" in get_method(method).defaults
+        periods = refresh if refresh is not None and has_refresh else [None]
         for weight in weights:
-            for p in s["ratios"]:
-                for seed in s["seeds"]:
-                    runs.append((method, weight, p, seed))
+            for k in periods:
+                for p in s["ratios"]:
+                    for seed in s["seeds"]:
+                        runs.append((method, weight, k, p, seed))
     return runs
 
 
@@ -198,17 +225,17 @@ def run(args: argparse.Namespace) -> dict:
     warm_up_ops()
     runs = []
     with tqdm(total=len(grid) * steps_per_run, desc="user stage", disable=quiet) as bar:
-        for method, weight, p, seed in grid:
-            name = report.label(method, weight)
+        for method, weight, k, p, seed in grid:
+            name = report.label(method, weight, k)
             bar.set_postfix_str(f"{name} p={p:g} seed={seed}")
             model, log = user_stage(
                 state, tok, s["model"], uspec, method=method, weight=weight or 0.0,
-                harmful_ratio=p, seed=seed, progress=bar.update,
+                harmful_ratio=p, seed=seed, alignment_every=k or 1, progress=bar.update,
             )  # fmt: skip
             metrics = evaluate.evaluate(model, tok, evals)
             runs.append(
                 {"label": name, "method": method, "weight": weight, "harmful_ratio": p}
-                | {"seed": seed, **metrics, **log.summary()}
+                | {"alignment_every": k, "seed": seed, **metrics, **log.summary()}
             )
 
     summary = report.summarize(runs)
@@ -220,6 +247,8 @@ def run(args: argparse.Namespace) -> dict:
     }
     report.write_all(out, results)
     print(report.main_table(summary, markdown=False))
+    for line in report.refresh_observations(runs):
+        print(line)
     print(f"\naligned model: HS {100 * base['harmful_score']:.0f}%  FA "
           f"{100 * base['finetune_accuracy']:.0f}%  benign {100 * base['benign_accuracy']:.0f}%")  # fmt: skip
     print(f"wrote {out / 'results.json'}, {out / 'report.md'}, {out / 'plot.png'} "
@@ -239,11 +268,11 @@ def _aligned_metrics(state, tok, s: dict, evals) -> dict:
 def _command(args: argparse.Namespace) -> str:
     """The options as given, in ``safegrad demo`` form (sys.argv differs by entry point)."""
     parts = ["safegrad", "demo"]
-    for flag in ("methods", "ratios", "seeds", "rho", "lam"):
-        value = getattr(args, flag)
+    for flag in ("methods", "ratios", "seeds", "rho", "lam", "alignment_every"):
+        value = getattr(args, flag, None)
         if value is not None:
             parts += [
-                f"--{flag}",
+                f"--{flag.replace('_', '-')}",
                 ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value),
             ]
     for flag in ("quick", "no_cache", "safety_covers_poison"):

@@ -21,13 +21,14 @@ METRICS = (
 )
 
 
-def label(method: str, weight: float | None) -> str:
-    """``sft``, ``spf``, ``mixed lam=0.1``, ``safegrad rho=1`` ..."""
-    if weight is None:
-        return method
-    from .train import swept
+def label(method: str, weight: float | None, alignment_every: int | None = None) -> str:
+    """``sft``, ``spf``, ``mixed lam=0.1``, ``safegrad rho=1``, ``safegrad rho=1 k=4`` ..."""
+    name = method
+    if weight is not None:
+        from .train import swept
 
-    return f"{method} {swept(method)}={weight:g}"
+        name = f"{method} {swept(method)}={weight:g}"
+    return name if alignment_every is None else f"{name} k={alignment_every}"
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -45,6 +46,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     rows = []
     for (name, p), members in groups.items():
         row = {"label": name, "method": members[0]["method"], "weight": members[0]["weight"]}
+        row["alignment_every"] = members[0].get("alignment_every")
         row.update({"harmful_ratio": p, "seeds": len(members)})
         for metric in METRICS:
             mean, std = _mean_std([m[metric] for m in members])
@@ -159,9 +161,11 @@ def observations(summary: list[dict], aligned: dict) -> list[str]:
         + ", ".join(f"{n} {100 * fa[n]['mean']:.0f}%" for n in ranking)
         + "."
     )
-    for sg in [n for n in labels if n.startswith("safegrad")]:
-        weight = sg.split("=")[1]
-        twin = f"mixed lam={weight}"
+    safegrad_rows = {
+        r["label"]: r for r in summary if r["method"] == "safegrad" and r["weight"] is not None
+    }
+    for sg, row in safegrad_rows.items():
+        twin = label("mixed", row["weight"])
         for other in ["sft", twin, "spf"]:
             if other not in hs or sg not in hs:
                 continue
@@ -175,6 +179,101 @@ def observations(summary: list[dict], aligned: dict) -> list[str]:
             else:
                 verdict = f"HIGHER HS than {other} by {100 * gap:.0f} points"
             out.append(f"{sg} vs {other} at p={p_max:g}: {verdict}.")
+    return out
+
+
+# -- the alignment refresh sweep (``--alignment-every``) --------------------------------------
+
+
+def _refresh_groups(runs: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    """Runs with a refresh period, per method label without k, then per k."""
+    groups: dict[str, dict[int, list[dict]]] = {}
+    for r in runs:
+        k = r.get("alignment_every")
+        if k is not None:
+            base = label(r["method"], r["weight"])
+            groups.setdefault(base, {}).setdefault(k, []).append(r)
+    return groups
+
+
+def _paired(runs_k: list[dict], runs_base: list[dict], p: float, metric: str) -> list[float]:
+    """Per seed at ratio p: metric(k) - metric(base k); the same seeds, so the same data."""
+    base = {r["seed"]: r[metric] for r in runs_base if r["harmful_ratio"] == p}
+    return [
+        r[metric] - base[r["seed"]] for r in runs_k if r["harmful_ratio"] == p and r["seed"] in base
+    ]
+
+
+def _signed_pct(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean, std = _mean_std(values)
+    return f"{100 * mean:+.0f} ± {100 * std:.0f}"
+
+
+def refresh_tables(runs: list[dict]) -> str:
+    """Per method: HS / FA by k and p, and the change against the smallest k, paired by seed."""
+    out = []
+    for base, by_k in _refresh_groups(runs).items():
+        ks = sorted(by_k)
+        ratios = sorted({r["harmful_ratio"] for rs in by_k.values() for r in rs})
+        head = ["k", *[f"p={p:g} HS / FA" for p in ratios], *[f"p={p:g} ΔHS / ΔFA" for p in ratios]]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for k in ks:
+            cells = [str(k)]
+            for p in ratios:
+                at = [r for r in by_k[k] if r["harmful_ratio"] == p]
+                hs = _mean_std([r["harmful_score"] for r in at])
+                fa = _mean_std([r["finetune_accuracy"] for r in at])
+                cells.append(
+                    f"{_pct({'mean': hs[0], 'std': hs[1]})} / {_pct({'mean': fa[0], 'std': fa[1]})}"
+                )
+            for p in ratios:
+                if k == ks[0]:
+                    cells.append("(reference)")
+                    continue
+                dhs = _paired(by_k[k], by_k[ks[0]], p, "harmful_score")
+                dfa = _paired(by_k[k], by_k[ks[0]], p, "finetune_accuracy")
+                cells.append(f"{_signed_pct(dhs)} / {_signed_pct(dfa)}")
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append(
+            f"**{base}** (Δ: against k={ks[0]} on the same seeds, points)\n\n" + "\n".join(lines)
+        )
+    return "\n\n".join(out)
+
+
+def refresh_observations(runs: list[dict]) -> list[str]:
+    """From which k HS rises clearly above the smallest k's (paired gap > max(spread, 2 points))."""
+    out = []
+    for base, by_k in _refresh_groups(runs).items():
+        ks = sorted(by_k)
+        ratios = sorted({r["harmful_ratio"] for rs in by_k.values() for r in rs})
+        if len(ks) < 2:
+            out.append(f"{base}: only k={ks[0]} was run; nothing to compare.")
+            continue
+        first_bad: dict[float, int] = {}
+        for p in ratios:
+            for k in ks[1:]:
+                gaps = _paired(by_k[k], by_k[ks[0]], p, "harmful_score")
+                if not gaps:
+                    continue
+                mean, std = _mean_std(gaps)
+                if mean > max(std, 0.02):
+                    first_bad[p] = k
+                    break
+        seeds = len({r["seed"] for rs in by_k.values() for r in rs})
+        if not first_bad:
+            out.append(
+                f"{base}: no k up to {ks[-1]} raises HS clearly above k={ks[0]} at any p "
+                f"({', '.join(f'{p:g}' for p in ratios)}; {seeds} paired seeds)."
+            )
+        else:
+            worst = min(first_bad.values())
+            where = ", ".join(f"p={p:g} from k={k}" for p, k in sorted(first_bad.items()))
+            out.append(
+                f"{base}: safety degrades with k: HS rises clearly above k={ks[0]} ({where}); "
+                f"the first such k is {worst} ({seeds} paired seeds)."
+            )
     return out
 
 
@@ -252,6 +351,7 @@ def write_markdown(path: Path, results: dict) -> None:
         "safety set, never poisoned; `shared` = refused there and poisoned; `poison` = poisoned",
         "only; `novel` = never seen in training.",
         "",
+        *_refresh_section(results["runs"]),
         "## Setup",
         "",
         "```json",
@@ -260,6 +360,22 @@ def write_markdown(path: Path, results: dict) -> None:
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def _refresh_section(runs: list[dict]) -> list[str]:
+    if not _refresh_groups(runs):
+        return []
+    return [
+        "## Alignment refresh: SafeGrad with g_a recomputed every k steps",
+        "",
+        "HS / FA in %, mean ± std over seeds; Δ = change against the smallest k on the same",
+        "seeds (same data and adapter init), mean ± std of the per-seed differences in points.",
+        "",
+        refresh_tables(runs),
+        "",
+        *[f"- {o}" for o in refresh_observations(runs)],
+        "",
+    ]
 
 
 def _seed_counts(summary: list[dict]) -> str:

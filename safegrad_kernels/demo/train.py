@@ -80,6 +80,7 @@ class RunLog:
     seconds: float = 0.0
     surgery_seconds: float = 0.0  # time inside the surgery call itself (step/dot_norms)
     stats: list[dict] = field(default_factory=list)
+    alignment_passes: int = 0  # steps that computed the safety gradient
 
     def summary(self) -> dict:
         """Timings and conflict statistics over the steps that had an alignment signal.
@@ -99,6 +100,7 @@ class RunLog:
             # projection adds to the alignment gradient on top of rho.
             "projection_coef": _mean([s["coef"] for s in live if "coef" in s]),
             "stat_steps": len(live),
+            "alignment_passes": self.alignment_passes,
         }
 
 
@@ -244,6 +246,7 @@ def user_stage(
     weight: float,
     harmful_ratio: float,
     seed: int,
+    alignment_every: int = 1,
     progress: Callable[[int], None] | None = None,
     paired_batches: bool = False,
 ) -> tuple[torch.nn.Module, RunLog]:
@@ -252,9 +255,16 @@ def user_stage(
     (``swept(method)``: lambda for mixed, rho for safegrad; ignored by the others.)
     ``paired_batches``: draw the user batches and the safety batches from two generators,
     so that a seed fixes the user batch order whatever the method (``safegrad study``).
+    ``alignment_every``: SafeGrad's refresh period k (the registry's setting; the other
+    methods ignore it): the safety batch is drawn and its gradient computed on steps
+    0, k, 2k, ... only.
     """
     spec = registry.get_method(method)
-    settings = {"spf_rank": uspec.spf_rank, "spf_refresh_every": uspec.spf_refresh_every}
+    settings = {
+        "spf_rank": uspec.spf_rank,
+        "spf_refresh_every": uspec.spf_refresh_every,
+        "alignment_every": alignment_every,
+    }
     name = swept(method)
     if name is not None:
         settings[name] = weight
@@ -326,6 +336,7 @@ def user_stage(
             g_u = [p.grad.clone() for p in params]
             opt.zero_grad(set_to_none=True)
             weighted_safety_loss().backward()
+            log.alignment_passes += 1
             t0 = time.perf_counter()
             sums = dot_norms(g_u, [p.grad for p in params]).tolist()
             for p, g in zip(params, g_u):
@@ -336,6 +347,7 @@ def user_stage(
             if spec.alignment_due(surgeon):
                 with surgeon.reference():
                     weighted_safety_loss().backward()
+                log.alignment_passes += 1
             response_ce(_forward(model, ub), ub["labels"]).backward()
             t0 = time.perf_counter()
             stats = surgeon.step()

@@ -32,8 +32,10 @@ gradient (what DDP spends on g_a too) and one of 3 floats; no all-gather.
 Refused at construction, with a ``ValueError`` naming the setting: ZeRO-0 (plain data
 parallelism: use DDP or FSDP2), ZeRO-3 (parameters themselves are partitioned and
 gathered by module hooks: use FSDP2), ``method="spf"`` (needs whole matrices), SafeGrad
-``surgery_granularity="per_tensor"``, optimizer/parameter offload, and fp16/bf16 (loss
-scaling and low-precision partitions are not tested exactly here).
+``surgery_granularity="per_tensor"``, ``alignment_every > 1`` (the kept g_a would have
+to live as DeepSpeed partitions between steps, and the trainer's ZeRO path runs only on
+steps with an alignment pass), optimizer/parameter offload, and fp16/bf16 (loss scaling
+and low-precision partitions are not tested exactly here).
 """
 
 from __future__ import annotations
@@ -75,7 +77,9 @@ def _offloaded(zero: dict[str, Any], key: str) -> bool:
     return device not in (None, "none")
 
 
-def check_supported(config: dict[str, Any], method: str, granularity: str) -> int:
+def check_supported(
+    config: dict[str, Any], method: str, granularity: str, *, alignment_every: int = 1
+) -> int:
     """The ZeRO stage, if ``SafeGradTrainer`` runs ``method`` exactly under ``config``.
 
     Raises:
@@ -107,6 +111,12 @@ def check_supported(config: dict[str, Any], method: str, granularity: str) -> in
             f"{where} supports surgery_granularity='global' only, got {granularity!r}; "
             f"use 'global' or {_ALTERNATIVE}"
         )
+    if alignment_every != 1:
+        raise ValueError(
+            f"{where} supports alignment_every=1 only, got {alignment_every} (the kept "
+            f"alignment gradient is not carried on ZeRO partitions); use alignment_every=1 "
+            f"or {_ALTERNATIVE}"
+        )
     for key in ("offload_optimizer", "offload_param"):
         if _offloaded(zero, key):
             raise ValueError(
@@ -123,7 +133,9 @@ def check_supported(config: dict[str, Any], method: str, granularity: str) -> in
     return stage
 
 
-def zero_surgery_for(trainer: Any, method: str, granularity: str) -> ZeroSurgery | None:
+def zero_surgery_for(
+    trainer: Any, method: str, granularity: str, *, alignment_every: int = 1
+) -> ZeroSurgery | None:
     """``ZeroSurgery`` for a trainer under DeepSpeed, ``None`` without DeepSpeed or for sft.
 
     Called at construction, so an unsupported configuration fails before any training.
@@ -131,7 +143,7 @@ def zero_surgery_for(trainer: Any, method: str, granularity: str) -> ZeroSurgery
     config = deepspeed_config(trainer)
     if config is None:
         return None
-    check_supported(config, method, granularity)
+    check_supported(config, method, granularity, alignment_every=alignment_every)
     if not get_method(method).needs_alignment:
         return None
     return ZeroSurgery(method)

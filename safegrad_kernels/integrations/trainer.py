@@ -183,6 +183,12 @@ class SafeGradTrainer(Trainer):
             ``args.per_device_train_batch_size``.
         surgery_backend: op backend for the surgeon (``None`` = auto).
         surgery_granularity: SafeGrad's ``"global"`` (the paper) or ``"per_tensor"``.
+        alignment_every: SafeGrad's alignment refresh period k in optimizer steps: the
+            alignment pass (and its batches) runs on steps 0, k, 2k, ... only, the
+            surgeon keeps that g_a in between (N extra elements resident) and projects
+            each step's g_u against it; the kept g_a goes into checkpoints
+            (``SURGEON_STATE_FILE``). 1 (default): every step. k > 1 is refused with
+            fp16 (a dynamic loss scale) and under DeepSpeed.
         cache_reference: the reference store (module docstring): ``True`` builds it,
             ``False`` recomputes the reference on every visit, ``None`` (default) builds an
             exact one when it fits ``REFERENCE_STORE_BUDGET`` (1 GiB) and
@@ -222,6 +228,7 @@ class SafeGradTrainer(Trainer):
         alignment_batch_size: int | None = None,
         surgery_backend: str | None = None,
         surgery_granularity: str = "global",
+        alignment_every: int = 1,
         cache_reference: bool | None = None,
         reference_top_k: int | None = None,
         fused_loss: bool = False,
@@ -238,6 +245,7 @@ class SafeGradTrainer(Trainer):
             spf_refresh_every=spf_refresh_every,
             spf_mode=spf_mode,
             surgery_granularity=surgery_granularity,
+            alignment_every=alignment_every,
         )
         if alignment_loss is not None:
             check_choice("alignment_loss", alignment_loss, ALIGNMENT_LOSSES)
@@ -263,6 +271,14 @@ class SafeGradTrainer(Trainer):
 
         super().__init__(*args, **kwargs)
 
+        # -- alignment refresh (issue 13): the kept g_a carries its refresh step's loss scale
+        if self.method_settings.get("alignment_every", 1) > 1 and self.args.fp16:
+            raise ValueError(
+                "alignment_every > 1 with fp16 is not supported: the kept alignment "
+                "gradient would carry the loss scale of its refresh step while the task "
+                "gradient carries the current one; use bf16 or fp32, or alignment_every=1"
+            )
+        # -- end alignment refresh
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("the model has no trainable parameter (empty parameter list)")
         self._needs_reference = self._uses_alignment and self.alignment_loss == "kl"
@@ -286,7 +302,10 @@ class SafeGradTrainer(Trainer):
         # DeepSpeed: ZeRO-1/2 surgery on DeepSpeed's partitions, or a ValueError right here
         # for what cannot run exactly (integrations/deepspeed.py).
         self._zero = zero_surgery_for(
-            self, method, self.method_settings.get("surgery_granularity", "global")
+            self,
+            method,
+            self.method_settings.get("surgery_granularity", "global"),
+            alignment_every=self.method_settings.get("alignment_every", 1),
         )
 
     # -- surgeon and alignment data --------------------------------------------------------

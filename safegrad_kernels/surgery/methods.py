@@ -113,10 +113,25 @@ SPF_MODE = _choice(
     "remove the subspace component only where it conflicts, or always (spf)",
 )
 LAM = _non_negative("lam", 1.0, "weight of the alignment loss added to the task loss (mixed)")
+# Only SafeGrad takes it: its surgeon keeps g_a between refreshes. Mixed has no surgeon,
+# and reusing a stale g_a there would change what the baseline is (the gradient of
+# task + lam * KL at the current weights); SPF has its own spf_refresh_every.
+ALIGNMENT_EVERY = _at_least_one(
+    "alignment_every",
+    1,
+    "compute the alignment gradient every this many optimizer steps and reuse it in "
+    "between (safegrad; 1: every step)",
+)
 
 
 def _safegrad(params: Iterable[Tensor], s: Settings, seed: int, backend: str | None) -> Surgeon:
-    return SafeGrad(params, rho=s["rho"], granularity=s["surgery_granularity"], backend=backend)
+    return SafeGrad(
+        params,
+        rho=s["rho"],
+        granularity=s["surgery_granularity"],
+        alignment_every=s["alignment_every"],
+        backend=backend,
+    )
 
 
 def _spf(params: Iterable[Tensor], s: Settings, seed: int, backend: str | None) -> Surgeon:
@@ -130,11 +145,16 @@ def _spf(params: Iterable[Tensor], s: Settings, seed: int, backend: str | None) 
     )
 
 
-def _spf_refreshes_before(step: int, s: Settings) -> int:
-    # SPF takes a reference on its refresh steps 0, k, 2k, ... (step 0 alone for k = None),
-    # and a loop supplies one whenever SPF wants it (Method.alignment_due).
-    k = s["spf_refresh_every"]
-    return min(step, 1) if k is None else -(-step // k)
+def _refreshes_before(period: str) -> Callable[[int, Settings], int]:
+    """Steps before ``step`` among 0, k, 2k, ... (step 0 alone for k = None), k = s[period]."""
+
+    def count(step: int, s: Settings) -> int:
+        # The surgeon wants a reference on exactly those steps, and a loop supplies one
+        # whenever it wants it (Method.alignment_due).
+        k = s[period]
+        return min(step, 1) if k is None else -(-step // k)
+
+    return count
 
 
 @dataclass(frozen=True)
@@ -252,9 +272,10 @@ METHODS: dict[str, Method] = {
             "safegrad",
             "SafeGrad (arXiv 2508.07172): the task gradient projected off the KL alignment "
             "gradient where they conflict, rho times the alignment gradient added back",
-            (RHO, SURGERY_GRANULARITY),
+            (RHO, SURGERY_GRANULARITY, ALIGNMENT_EVERY),
             alignment_loss="kl",
             surgeon=_safegrad,
+            alignment_steps=_refreshes_before("alignment_every"),
             partition_update="project",
         ),
         Method(
@@ -266,7 +287,7 @@ METHODS: dict[str, Method] = {
             # step 0 (model == reference), which would leave a once-computed basis empty.
             alignment_loss="ce",
             surgeon=_spf,
-            alignment_steps=_spf_refreshes_before,
+            alignment_steps=_refreshes_before("spf_refresh_every"),
         ),
         Method(
             "mixed",

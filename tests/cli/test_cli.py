@@ -306,6 +306,39 @@ def test_resumed_run_equals_uninterrupted_run(world, tmp_path, method):
         assert (cut / "checkpoint-2" / "safegrad_surgeon.pt").is_file()
 
 
+def test_alignment_refresh_resumes_exactly(world, tmp_path):
+    """2k + 1 steps straight vs stopped after step 3 (between refreshes 2 and 4) and resumed."""
+    k, steps, cut_at = 2, 5, 3
+    extra = ("--alignment-every", str(k), "--alignment-batch-size", "2", "--save-steps", "1")
+    full = tmp_path / "full"
+    assert main(_train_argv(world, full, "safegrad", steps, *extra)) == 0
+    saved = torch.load(full / f"checkpoint-{cut_at}" / "safegrad_surgeon.pt", weights_only=True)
+    assert saved["step"] == cut_at and saved["alignment_every"] == k
+    assert any(t is not None and t.abs().sum() > 0 for t in saved["kept"])
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(full / f"checkpoint-{cut_at}", cut / f"checkpoint-{cut_at}")
+    shutil.copy(full / "train_args.json", cut / "train_args.json")
+    assert main([*_train_argv(world, cut, "safegrad", steps, *extra), "--resume"]) == 0
+    a, b = _adapter_state(full), _adapter_state(cut)
+    assert a.keys() == b.keys() and a
+    differs = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not differs, differs
+    state = json.loads((cut / "trainer_state.json").read_text())
+    aligned = [row["step"] for row in state["log_history"] if "align_loss" in row]
+    assert aligned == [1, 3, 5]  # optimizer steps 0, 2, 4 (the log counts from 1)
+
+
+def test_alignment_every_default_is_the_registry_default():
+    from safegrad_kernels.cli import build_parser
+    from safegrad_kernels.surgery import HYPERPARAMETERS
+
+    args = build_parser().parse_args(
+        ["train", "--model", "m", "--output-dir", "o", "--task-data", "t"]
+    )
+    assert args.alignment_every == HYPERPARAMETERS["alignment_every"].default
+
+
 @pytest.fixture(scope="module")
 def sft_run(world):
     """A finished one-step sft run; tests below only read it."""

@@ -226,3 +226,58 @@ def test_demo_quick_end_to_end(tmp_path, monkeypatch, capsys):
         again["aligned"]["metrics"]["harmful_score"]
         == results["aligned"]["metrics"]["harmful_score"]
     )
+
+
+# --- the alignment refresh sweep (--alignment-every) -----------------------------------------
+
+
+def _refresh_runs(rise_at: dict[int, float], seeds=(0, 1, 2), ratios=(0.1, 0.5)):
+    """Synthetic safegrad runs: per seed a random HS, plus ``rise_at[k]`` for period k."""
+    rng = random.Random()
+    base = {(s, p): rng.uniform(0.05, 0.4) for s in seeds for p in ratios}
+    runs = []
+    for k, rise in rise_at.items():
+        for s in seeds:
+            for p in ratios:
+                hs = base[(s, p)] + rise + rng.uniform(-0.002, 0.002)
+                runs.append(
+                    {"method": "safegrad", "weight": 1.0, "alignment_every": k, "seed": s}
+                    | {"harmful_ratio": p, "harmful_score": hs, "finetune_accuracy": 0.9}
+                )
+    return runs
+
+
+def test_refresh_report_says_from_which_k_safety_degrades():
+    from safegrad_kernels.demo import report
+
+    runs = _refresh_runs({1: 0.0, 2: 0.001, 4: 0.15, 8: 0.3})
+    table = report.refresh_tables(runs)
+    assert "**safegrad rho=1**" in table and "p=0.5 ΔHS / ΔFA" in table
+    rows = [line for line in table.splitlines() if line.startswith("| 4 |")]
+    assert len(rows) == 1 and "+15 ± 0" in rows[0]
+    (said,) = report.refresh_observations(runs)
+    assert "safety degrades with k" in said and "the first such k is 4" in said
+    (said,) = report.refresh_observations(_refresh_runs({1: 0.0, 2: -0.01, 4: 0.005}))
+    assert said.startswith("safegrad rho=1: no k up to 4 raises HS clearly above k=1")
+    assert report.refresh_observations([{**runs[0], "alignment_every": None}]) == []
+
+
+def test_demo_refresh_sweep_quick(tmp_path, monkeypatch):
+    from safegrad_kernels.demo import add_arguments, run
+
+    monkeypatch.setenv("SAFEGRAD_CACHE", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "out"
+    argv = ["--quick", "--out", str(out), "--no-progress", "--methods", "sft,safegrad"]
+    results = run(parser.parse_args([*argv, "--ratios", "0.3", "--alignment-every", "1,3"]))
+    runs = {r["label"]: r for r in results["runs"]}
+    assert set(runs) == {"sft", "safegrad rho=1 k=1", "safegrad rho=1 k=3"}
+    steps = runs["sft"]["steps"]
+    assert runs["safegrad rho=1 k=1"]["alignment_passes"] == steps
+    assert runs["safegrad rho=1 k=3"]["alignment_passes"] == -(-steps // 3)
+    assert runs["sft"]["alignment_passes"] == 0 and runs["sft"]["alignment_every"] is None
+    text = (out / "report.md").read_text()
+    assert "## Alignment refresh" in text and "| 3 |" in text
+    assert "--alignment-every 1,3" in results["meta"]["command"]
+    assert results["meta"]["settings"]["alignment_every"] == [1, 3]

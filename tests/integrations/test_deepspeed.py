@@ -170,6 +170,14 @@ def test_check_supported_refuses_settings_it_cannot_honour(config, granularity, 
     check_supported(config, "sft", granularity)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_check_supported_refuses_an_alignment_refresh(stage):
+    k = 2 + stage  # any k > 1: the kept g_a is not carried on ZeRO partitions
+    with pytest.raises(ValueError, match=f"alignment_every=1 only, got {k}"):
+        check_supported(_config(stage), "safegrad", "global", alignment_every=k)
+    assert check_supported(_config(stage), "safegrad", "global", alignment_every=1) == stage
+
+
 def test_offload_disabled_and_bf16_off_pass():
     config = _config(2, zero={"offload_optimizer": {"device": "none"}}, bf16={"enabled": False})
     assert check_supported(config, "safegrad", "global") == 2

@@ -391,3 +391,56 @@ def test_reference_store_gives_the_same_updates(tmp_path, monkeypatch, cache):
     # 0.04), not bitwise as the old ReferenceCache, which kept the forward's own logits.
     for uncached, cached in zip(*runs):
         assert_grads_close(uncached, cached, rtol=1e-5, atol=1e-8)
+
+
+# -- alignment refresh (alignment_every) -------------------------------------------------------
+
+
+def _trained_lora(trainer) -> dict[str, torch.Tensor]:
+    model = trainer.model
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_alignment_every_1_is_the_trainer_without_the_option(tmp_path):
+    runs = []
+    for kw in ({}, {"alignment_every": 1}, {"alignment_every": 2}):
+        trainer = make_trainer(
+            tmp_path, "safegrad", batch=2, accum=2, steps=3, n_train=12, lam=0.3, **kw
+        )
+        trainer.train()
+        aligned = ["align_loss" in log for log in train_logs(trainer)]
+        runs.append((_trained_lora(trainer), aligned, trainer.surgeon.state_dict()))
+    (plain, plain_aligned, plain_state), (one, one_aligned, one_state), (two, two_aligned, _) = runs
+    assert plain.keys() == one.keys() and plain
+    assert all(torch.equal(plain[n], one[n]) for n in plain), "k=1 must be bit for bit"
+    assert plain_aligned == one_aligned == [True, True, True]
+    assert plain_state == one_state == {}  # nothing kept, no checkpoint file
+    # k = 2: the alignment pass (and its logged loss) only on steps 0 and 2 ...
+    assert two_aligned == [True, False, True]
+    # ... and step 1 projected against step 0's g_a: other weights.
+    assert any(not torch.equal(plain[n], two[n]) for n in plain)
+
+
+def test_alignment_every_draws_alignment_batches_only_on_refresh_steps(tmp_path):
+    trainer = make_trainer(
+        tmp_path, "safegrad", batch=2, accum=2, steps=5, n_train=20, alignment_every=2
+    )
+    drawn = []
+    original = trainer.alignment_schedule.next_batch
+
+    def counting():
+        drawn.append(trainer.state.global_step)
+        return original()
+
+    trainer.alignment_schedule.next_batch = counting
+    trainer.train()
+    assert drawn == [0, 0, 2, 2, 4, 4]  # two micro-batches on each refresh step
+    # The closed form that positions a resumed run's schedule counts the same draws.
+    assert trainer._alignment_batches_consumed() == len(drawn)
+
+
+def test_alignment_every_refusals(tmp_path):
+    with pytest.raises(ValueError, match="alignment_every must be >= 1"):
+        make_trainer(tmp_path, "safegrad", alignment_every=0)
+    with pytest.raises(ValueError, match="alignment_every > 1 with fp16"):
+        make_trainer(tmp_path, "safegrad", alignment_every=2, args_kw={"fp16": True})

@@ -63,11 +63,14 @@ def test_unknown_method_lists_the_choices(bad):
 def test_validate_fills_defaults_and_keeps_only_the_methods_own():
     rho = random.uniform(0.01, 3.0)
     lam = random.uniform(0.01, 3.0)
-    everything = dict(rho=rho, lam=lam, spf_rank=5, spf_refresh_every=7, spf_mode="always")
+    everything = dict(
+        rho=rho, lam=lam, spf_rank=5, spf_refresh_every=7, spf_mode="always", alignment_every=3
+    )
     assert get_method("sft").validate(**everything) == {}
     assert get_method("safegrad").validate(**everything) == {
         "rho": rho,
         "surgery_granularity": "global",
+        "alignment_every": 3,
     }
     assert get_method("spf").validate(**everything) == {
         "spf_rank": 5,
@@ -81,6 +84,7 @@ def test_validate_fills_defaults_and_keeps_only_the_methods_own():
         "spf_mode": "conflicting",
     }
     assert isinstance(get_method("safegrad").validate(rho=2)["rho"], float)
+    assert get_method("safegrad").validate()["alignment_every"] == 1
 
 
 BAD_SETTINGS = [
@@ -97,6 +101,9 @@ BAD_SETTINGS = [
     ("spf_refresh_every", 1.5, TypeError, "spf_refresh_every must be an int or None"),
     ("spf_mode", "sometimes", ValueError, "spf_mode must be one of"),
     ("surgery_granularity", "layer", ValueError, "surgery_granularity must be one of"),
+    ("alignment_every", 0, ValueError, "alignment_every must be >= 1"),
+    ("alignment_every", None, TypeError, "alignment_every must be an int"),
+    ("alignment_every", 2.0, TypeError, "alignment_every must be an int"),
 ]
 
 
@@ -135,10 +142,13 @@ def test_sft_and_mixed_build_no_surgeon():
 def test_safegrad_surgeon_gets_its_settings():
     ps = params((5, 3), (7,))
     rho = random.uniform(0.1, 2.0)
-    s = get_method("safegrad").validate(rho=rho, surgery_granularity="per_tensor")
+    s = get_method("safegrad").validate(
+        rho=rho, surgery_granularity="per_tensor", alignment_every=4
+    )
     surgeon = get_method("safegrad").build_surgeon(ps, s, backend="torch")
     assert isinstance(surgeon, SafeGrad)
     assert (surgeon.rho, surgeon.granularity, surgeon.backend) == (rho, "per_tensor", "torch")
+    assert surgeon.alignment_every == 4
     assert [id(p) for p in surgeon.params] == [id(p) for p in ps]
 
 
@@ -191,17 +201,23 @@ def test_alignment_due_follows_the_surgeon():
     assert due == [True, False, True, False, True]
 
 
-@pytest.mark.parametrize("k", [None, 1, 3, 4])
-def test_alignment_steps_before_counts_the_steps_that_draw(k):
+@pytest.mark.parametrize(
+    ("name", "settings"),
+    [
+        *[("spf", {"spf_rank": 2, "spf_refresh_every": k}) for k in (None, 1, 3, 4)],
+        *[("safegrad", {"alignment_every": k}) for k in (1, 2, 3, 5)],
+    ],
+)
+def test_alignment_steps_before_counts_the_steps_that_draw(name, settings):
     """The closed form used for exact resume equals counting alignment_due step by step."""
     ps = params((9, 3), (3, 11))
-    spf = get_method("spf")
-    settings = spf.validate(spf_rank=2, spf_refresh_every=k)
-    surgeon = spf.build_surgeon(ps, settings)
+    method = get_method(name)
+    settings = method.validate(**settings)
+    surgeon = method.build_surgeon(ps, settings)
     drawn = 0
     for step in range(11):
-        assert spf.alignment_steps_before(step, settings) == drawn
-        if spf.alignment_due(surgeon):
+        assert method.alignment_steps_before(step, settings) == drawn
+        if method.alignment_due(surgeon):
             drawn += 1
             with surgeon.reference():
                 for p in ps:

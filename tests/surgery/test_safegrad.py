@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from safegrad_kernels.ops import project_conflicting_
 from safegrad_kernels.ops.dispatch import available_backends
 from safegrad_kernels.surgery import SafeGrad
 
@@ -378,3 +379,165 @@ def test_tiny_llama_lora_accumulation_and_formula(granularity):
         ref, _ = formula_per_tensor(gu, ga, 1.0)
     got = flat([p.grad for p in trainable(model)])
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
+# -- alignment refresh: alignment_every = k --------------------------------------------------
+
+
+def refresh_run(surgeon, params, gus, gas):
+    """Steps with task gradients ``gus``; a g_a from ``gas`` captured only when wanted."""
+    out, wanted = [], []
+    for gu, ga in zip(gus, gas):
+        wanted.append(surgeon.wants_reference)
+        if wanted[-1]:
+            with surgeon.reference():
+                set_grad_by_backward(params, ga)
+        for p in params:
+            p.grad = None
+        set_grad_by_backward(params, gu)
+        surgeon.step()
+        out.append([p.grad.clone() for p in params])
+    return out, wanted
+
+
+def random_steps(n, shapes=SHAPES):
+    gas = [[torch.randn(s) for s in shapes] for _ in range(n)]
+    # Conflicting on most steps, so the projection (and the choice of g_a) matters.
+    gus = [[-(0.5 + random.random()) * a + 0.3 * torch.randn_like(a) for a in ga] for ga in gas]
+    return gus, gas
+
+
+@pytest.mark.parametrize("granularity", ["global", "per_tensor"])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_alignment_every_projects_each_g_u_against_the_last_refresh(granularity, k):
+    """k = 1 is the fresh-g_a update of every step; k > 1 reuses the g_a of steps 0, k, 2k."""
+    backend = FAST_BACKENDS[0]
+    params = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    gus, gas = random_steps(7)
+    surgeon = SafeGrad(params, granularity=granularity, alignment_every=k, backend=backend)
+    got, wanted = refresh_run(surgeon, params, gus, gas)
+    assert wanted == [step % k == 0 for step in range(7)]
+    for step, (gu, grads) in enumerate(zip(gus, got)):
+        ga = gas[step - step % k]
+        expected = [g.clone() for g in gu]
+        project_conflicting_(
+            expected, ga, rho=1.0, per_tensor=granularity == "per_tensor", backend=backend
+        )
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected)), step
+    if k > 1:  # the choice of g_a matters on these steps: a fresh one gives another update
+        fresh = [g.clone() for g in gus[1]]
+        project_conflicting_(fresh, gas[1], rho=1.0, backend=backend)
+        assert not all(torch.equal(a, b) for a, b in zip(got[1], fresh))
+
+
+def test_alignment_every_1_equals_the_surgeon_without_the_option():
+    params = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    gus, gas = random_steps(4)
+    runs = [
+        refresh_run(SafeGrad(params, **kw), params, gus, gas) for kw in ({}, {"alignment_every": 1})
+    ]
+    assert runs[0][1] == runs[1][1] == [True] * 4
+    for a, b in zip(runs[0][0], runs[1][0]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert SafeGrad(params, alignment_every=1).state_dict() == {}
+
+
+def test_kept_reference_counts_as_found_only_between_refreshes():
+    model = MLP()
+    surgeon = SafeGrad(model.parameters(), alignment_every=2)
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    model.task_loss(x, y).backward()
+    with pytest.raises(RuntimeError, match="no captured reference"):
+        surgeon.step()  # step 0: a refresh step, nothing kept yet
+    with surgeon.reference():
+        model.align_loss(x).backward()
+    surgeon.step()
+    assert not surgeon.wants_reference and not surgeon.has_reference
+    model.zero_grad(set_to_none=True)
+    model.task_loss(x, y).backward()
+    stats = surgeon.step()  # step 1: the kept g_a, found
+    assert float(stats.ref_norm_sq) > 0
+    assert surgeon.wants_reference
+    model.zero_grad(set_to_none=True)
+    model.task_loss(x, y).backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="no captured reference"):
+        surgeon.step()  # step 2: a missed refresh is not covered by the kept g_a
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
+
+
+def test_capture_off_schedule_is_used_and_kept():
+    params = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    surgeon = SafeGrad(params, alignment_every=3, backend=FAST_BACKENDS[0])
+    (gu0, gu1, gu2), (ga0, ga1, _) = random_steps(3)
+    for gu, ga in ((gu0, ga0), (gu1, ga1), (gu2, None)):  # step 1 captures although not due
+        if ga is not None:
+            with surgeon.reference():
+                set_grad_by_backward(params, ga)
+        for p in params:
+            p.grad = None
+        set_grad_by_backward(params, gu)
+        surgeon.step()
+    expected = [g.clone() for g in gu2]
+    project_conflicting_(expected, ga1, rho=1.0, backend=FAST_BACKENDS[0])
+    assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
+    assert surgeon.wants_reference  # step 3: the schedule did not move
+
+
+@pytest.mark.parametrize("granularity", ["global", "per_tensor"])
+def test_state_dict_resumes_the_refresh_exactly(granularity, tmp_path):
+    k, n, cut = 2, 5, 3  # 2k + 1 steps; the restart lands between refreshes
+    gus, gas = random_steps(n)
+    ps = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    whole, _ = refresh_run(SafeGrad(ps, alignment_every=k, granularity=granularity), ps, gus, gas)
+
+    first = SafeGrad(ps, alignment_every=k, granularity=granularity)
+    refresh_run(first, ps, gus[:cut], gas[:cut])
+    torch.save(first.state_dict(), tmp_path / "surgeon.pt")
+    qs = [torch.randn(s, requires_grad=True) for s in SHAPES]  # a fresh process's params
+    resumed = SafeGrad(qs, alignment_every=k, granularity=granularity)
+    resumed.load_state_dict(torch.load(tmp_path / "surgeon.pt", weights_only=True))
+    assert not resumed.wants_reference
+    rest, wanted = refresh_run(resumed, qs, gus[cut:], gas[cut:])
+    assert wanted == [False, True]
+    for a, b in zip(whole[cut:], rest):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_load_state_dict_checks_before_setting():
+    ps = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    surgeon = SafeGrad(ps, alignment_every=3)
+    refresh_run(surgeon, ps, *random_steps(2))
+    good = surgeon.state_dict()
+    kept = [t.clone() for t in good["kept"]]
+    bad_shape = {**good, "kept": [*kept[:-1], torch.randn(3, 7)]}
+    for state, match in [
+        ({**good, "alignment_every": 2}, "alignment_every=2"),
+        (bad_shape, r"kept\[4\]"),
+        ({**good, "kept": kept[:2]}, "keeps 2 tensors"),
+        ({**good, "step": -1}, "step"),
+        ({"step": 1}, "not a SafeGrad state"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            surgeon.load_state_dict(state)
+        assert surgeon.state_dict()["step"] == 2
+        assert all(torch.equal(a, b) for a, b in zip(surgeon.state_dict()["kept"], kept))
+    with pytest.raises(ValueError, match="saved with alignment_every=3"):
+        SafeGrad(ps).load_state_dict(good)  # k = 1 keeps nothing
+    with pytest.raises(ValueError, match="expected no keys"):
+        SafeGrad(ps).load_state_dict({"step": 1})
+
+
+def test_step_on_the_kept_reference_never_syncs(forbid_host_sync):
+    model = MLP()
+    surgeon = SafeGrad(model.parameters(), alignment_every=2)
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    with surgeon.reference():
+        model.align_loss(x).backward()
+    model.task_loss(x, y).backward()
+    surgeon.step()
+    model.zero_grad(set_to_none=True)
+    model.task_loss(x, y).backward()
+    with forbid_host_sync():
+        assert not surgeon.wants_reference
+        surgeon.step()
