@@ -160,6 +160,21 @@ CONFIGS: dict[str, tuple[dict, int, int]] = {
         2,
         256,
     ),
+    # For benchmarks.gpu_check on one GPU (bf16 autocast): 0.9B parameters, batch 4 x 512,
+    # large enough that a step is kernel time, not launch overhead (not measured yet).
+    "gpu-llama": (
+        dict(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            max_position_embeddings=1024,
+        ),
+        4,
+        512,
+    ),
     # For the smoke test only.
     "tiny": (
         dict(
@@ -258,6 +273,10 @@ def _vm_kib(field: str) -> int:
 # --------------------------------------------------------------------------- worker
 
 
+def _on(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def _batch(vocab: int, bsz: int, seq: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
     ids = torch.randint(0, vocab, (bsz, seq), generator=gen)
     labels = ids.clone()
@@ -268,7 +287,7 @@ def _batch(vocab: int, bsz: int, seq: int, gen: torch.Generator) -> dict[str, to
 class StepRunner:
     """One method's model, optimizer, batches and surgeon; ``step()`` times one step's phases."""
 
-    def __init__(self, config: str, method: str, seed: int) -> None:
+    def __init__(self, config: str, method: str, seed: int, device: str = "cpu") -> None:
         from peft import LoraConfig, get_peft_model
         from transformers import LlamaConfig, LlamaForCausalLM
         from transformers.utils import logging as hf_logging
@@ -300,15 +319,21 @@ class StepRunner:
             for name, p in self.model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, 0.02)
+        # On CUDA: the model on the GPU, forwards under bf16 autocast (as the trainer's
+        # bf16=True), and a synchronisation at every phase boundary so phases are GPU time.
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
         self.params = lora_parameters(self.model)
         self.lora_params = sum(p.numel() for p in self.params)
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0)
         gen = torch.Generator().manual_seed(seed)
         vocab = cfg_kwargs["vocab_size"]
-        self.user = [_batch(vocab, bsz, seq, gen) for _ in range(4)]
+        self.user = [_on(_batch(vocab, bsz, seq, gen), self.device) for _ in range(4)]
         # The alignment pool: 4 task batches' worth of examples, cut into alignment batches
         # (as the trainer's alignment loader does), each with its dataset indices.
-        pool = _batch(vocab, 4 * bsz, seq, gen)
+        pool = _on(_batch(vocab, 4 * bsz, seq, gen), self.device)
         ab = variant.alignment_batch or bsz
         self.align = [
             ({k: v[i : i + ab] for k, v in pool.items()}, list(range(i, min(i + ab, 4 * bsz))))
@@ -328,8 +353,18 @@ class StepRunner:
             for batch, indices in self.align:
                 self.cache.get(self.model, batch, indices)
 
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def step(self) -> tuple[dict[str, float], float]:
         """One optimizer step; (seconds per phase, total seconds)."""
+        cuda = self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            return self._step()
+
+    def _step(self) -> tuple[dict[str, float], float]:
         from safegrad_kernels.losses import kl_alignment_loss, reference_logits
 
         model, params, opt, surgeon = self.model, self.params, self.opt, self.surgeon
@@ -338,7 +373,7 @@ class StepRunner:
         ab, ab_indices = self.align[self.alignment_passes % len(self.align)]
         self.n += 1
         ph = dict.fromkeys(PHASES, 0.0)
-        t = time.perf_counter
+        t = self._clock
         t_step = t()
         spec = self.spec
         if spec is None:  # the authors' step
@@ -436,7 +471,7 @@ def period(methods: Sequence[str]) -> int:
 
 
 def time_methods(
-    config: str, methods: Sequence[str], steps: int, warmup: int, seed: int
+    config: str, methods: Sequence[str], steps: int, warmup: int, seed: int, device: str = "cpu"
 ) -> list[dict]:
     """All methods in this process, stepped round-robin so that they share the machine's noise.
 
@@ -446,7 +481,7 @@ def time_methods(
     """
     k = period(methods)
     steps, warmup = -(-steps // k) * k, -(-warmup // k) * k
-    runners = [StepRunner(config, m, seed) for m in methods]
+    runners = [StepRunner(config, m, seed, device) for m in methods]
     for r in runners:
         r.prefill()
     names = [r.method for r in runners]
@@ -688,6 +723,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda (bf16 autocast; memory is then not measured: RSS is host memory)",
+    )
     add_threads_argument(p)
     p.add_argument(
         "--cost-study",
@@ -718,7 +758,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         print(json.dumps(memory_worker(configs[0], methods[0], args.steps, args.seed)))
         return []
 
-    prov = provenance(torch.device("cpu"))
+    if args.device != "cpu":
+        args.no_memory = True
+    prov = provenance(torch.device(args.device))
     prov["threads"] = str(torch.get_num_threads())
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
@@ -749,7 +791,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         if args.memory_only:
             results = [_untimed(config, m, args.seed) for m in run_methods]
         else:
-            results = time_methods(config, run_methods, args.steps, args.warmup, args.seed)
+            results = time_methods(
+                config, run_methods, args.steps, args.warmup, args.seed, args.device
+            )
         print(f"# {config}: timed {len(run_methods)} methods in {time.perf_counter() - t0:.0f} s")
         for r in results:
             mem = {"base_rss_mib": math.nan, "peak_rss_mib": math.nan}

@@ -101,3 +101,32 @@ def test_bench_step_ratios_and_target_verdicts():
     assert "1.10x sft" in said[2] and said[2].endswith(": MET")
     assert "3.00x sft" in said[3] and said[3].endswith(": NOT MET")
     assert said[4].endswith("not measured in this run")
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(capsys):
+    from benchmarks import gpu_check
+
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has CUDA: the real check would run")
+    assert gpu_check.main([]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    assert gpu_check.main(["--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    for stage in ("tests", "ops", "launches", "step"):
+        assert stage in plan
+    assert "8 minutes" in plan
+
+
+def test_gpu_check_plumbing_on_cpu(tmp_path):
+    # The stages' report and CSV writing, in tiny sizes on CPU (no GPU may ever be here).
+    from benchmarks import gpu_check
+
+    assert gpu_check.main(["--self-test", "--only", "ops,step", "--out", str(tmp_path)]) == 0
+    (md,) = tmp_path.glob("gpu-*.md")
+    text = md.read_text()
+    assert "## Verdicts" in text and "tiny fp32 project_conflicting_ conflict" in text
+    assert "step safegrad / sft" in text
+    (csv_path,) = tmp_path.glob("gpu-*.csv")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert {r["section"] for r in rows} == {"ops", "step"}
+    assert all(float(r["median_ms"]) > 0 for r in rows)
