@@ -374,7 +374,11 @@ def _plan(
     # The method's own options (the rest do not act on it), then the alignment options for
     # every method that uses alignment data.
     spec = get_method(args.method)
-    method = {h.name: getattr(args, h.name) for h in spec.hyperparameters}
+    # As typed on the command line (an unset int option reads 0 there).
+    method = {
+        h.name: (0 if getattr(args, h.name) is None and h.type is int else getattr(args, h.name))
+        for h in spec.hyperparameters
+    }
     if spec.needs_alignment:
         loss = args.alignment_loss or spec.alignment_loss  # SafeGradTrainer's default
         method["alignment_loss"] = loss

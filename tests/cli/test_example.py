@@ -59,7 +59,8 @@ def test_example_commands_run_as_printed(tmp_path, capsys):
     steps = re.findall(r"^step +(\d+)/10  loss [\d.]+  align \S+  conflict \d+%  cos [+-][\d.]+",
                        said, flags=re.M)  # fmt: skip
     assert steps == ["2", "4", "6", "8", "10"], said
-    assert "(g_a = 0 at the start: model == reference)" in said  # lr 0 on step 1 (warm-up)
+    # lr 0 on step 1 (warm-up): g_a is 0, or with the reference store a rounding residue.
+    assert "at the start: model == reference" in said
     assert "{'loss'" not in said  # no raw log dicts
     summary = said[said.index("finished: step 10") :]
     assert "final loss" in summary and "conflict rate" in summary and " s;" in summary
@@ -111,6 +112,8 @@ def test_readme_shows_the_example_after_the_first_two_commands_and_its_commands(
     text = README.read_text()
     first = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
     commands = [line for line in first.splitlines() if not line.startswith("#")]
+    # After the torch line (which build, per machine: see "Install"), the two first commands.
+    commands = [c for c in commands if not c.startswith("pip install torch")]
     assert len(commands) == 3 and commands[2] == "safegrad example ./safegrad_example"
     # The commands the README lists are the ones `safegrad example ./safegrad_example` prints.
     written = write_example(tmp_path / "safegrad_example")
@@ -187,7 +190,7 @@ def test_training_curves_png_and_a_summary_without_matplotlib(tmp_path, monkeypa
 @pytest.mark.parametrize(
     ("method", "expected"),
     [
-        ("safegrad", "method      safegrad --rho 0.5 --surgery-granularity global --alignment-loss kl "
+        ("safegrad", "method      safegrad --rho 0.5 --surgery-granularity global --alignment-every 1 --alignment-loss kl "
                      "--kl-positions response --alignment-batch-size 3"),
         ("spf", "method      spf --spf-rank 8 --spf-refresh-every 0 --spf-mode conflicting "
                 "--alignment-loss ce --alignment-batch-size 3"),
