@@ -43,10 +43,11 @@ def device_backend_params(backends_of):
 def on_device(request):
     """Runs a test with ``device`` (its parameter) as torch's default device."""
     device = request.getfixturevalue("device")
-    previous = torch.get_default_device()
     torch.set_default_device(device)
     yield torch.device(device)
-    torch.set_default_device(previous)
+    # None, not "cpu": set_default_device installs a TorchFunctionMode for any device, and a
+    # mode left behind would change later tests (the ops' eager path steps aside for modes).
+    torch.set_default_device(None)
 
 
 def pytest_report_header(config):
