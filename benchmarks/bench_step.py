@@ -446,7 +446,8 @@ class StepRunner:
                     ph["align_bwd"] = t() - s0
                 # A trainer's alignment loss function returns and drops these before the
                 # task pass; held here they added two [tokens, vocab] tensors to the
-                # peak (+503 MiB on vocab128k, where SFT's training memory is 781 MiB).
+                # peak: SafeGrad's training memory on vocab128k was 1284 MiB, 846 without
+                # (SFT: 781), 2026-12-01.
                 del ref, logits, loss_a
             s0 = t()
             loss_u = response_ce(model(**model_inputs(ub)).logits, ub["labels"])
