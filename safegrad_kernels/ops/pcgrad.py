@@ -12,7 +12,7 @@ flattened, copied and re-read for each of the ``m (m - 1)`` projections.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -56,7 +56,7 @@ def _check_order(order: object, m: int, device: torch.device) -> Tensor:
 # the generator's id; the op looks the generator up here when it runs. Compiled and eager
 # code thus draw the same numbers from the same generator state. Weak references: the
 # table never keeps a generator alive.
-_GENERATORS: dict[int, weakref.ref[torch.Generator]] = {}
+_GENERATORS: dict[int, Callable[[], torch.Generator | None]] = {}
 
 
 def register_generator(generator: torch.Generator) -> int:
@@ -68,7 +68,13 @@ def register_generator(generator: torch.Generator) -> int:
     """
     key = id(generator)
     if not torch.compiler.is_compiling():
-        _GENERATORS[key] = weakref.ref(generator, lambda _, k=key: _GENERATORS.pop(k, None))
+        try:
+            ref = weakref.ref(generator, lambda _, k=key: _GENERATORS.pop(k, None))
+        except TypeError:
+            # Older torch (2.10) generators take no weak references: hold it (a registered
+            # generator then lives as long as the process; its id cannot be reused).
+            ref = lambda g=generator: g  # noqa: E731
+        _GENERATORS[key] = ref
     return key
 
 

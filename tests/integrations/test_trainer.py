@@ -376,8 +376,12 @@ def test_reference_store_gives_the_same_updates(tmp_path, monkeypatch, cache):
     for store in (False, cache):
         live_calls.clear()
         cap = CaptureGrads()
+        # mixed, not safegrad: at step 1 the exact g_a is 0 (model == reference) and the
+        # store's rounding residue (~1e-18 ||g_u||^2) can take SafeGrad's conflict branch,
+        # a discontinuity that turns rounding into a visible difference (seen on the oldest
+        # stack). The store's equality to the live reference is what is tested here.
         trainer = make_trainer(
-            tmp_path, "safegrad", steps=2, n_train=8, callbacks=[cap], cache_reference=store
+            tmp_path, "mixed", steps=2, n_train=8, callbacks=[cap], cache_reference=store
         )
         trainer.train()
         runs.append(cap.grads)
