@@ -391,10 +391,12 @@ def test_reference_store_gives_the_same_updates(tmp_path, monkeypatch, cache):
     else:
         assert trainer.reference_store is None and len(live_calls) == 2
     # The store is built from batches in index order, the live reference from the shuffled
-    # training batches: equal to fp32 rounding (measured: max |diff| 5e-9 on entries up to
-    # 0.04), not bitwise as the old ReferenceCache, which kept the forward's own logits.
+    # training batches, so an example's reference is computed inside another padding: equal
+    # to fp32 rounding on transformers 5.24 (max |diff| 5e-9 on entries up to 0.04), 5e-5
+    # relative in the KL on transformers 4.46.3 (the oldest stack), not bitwise as the old
+    # ReferenceCache, which kept the forward's own logits.
     for uncached, cached in zip(*runs):
-        assert_grads_close(uncached, cached, rtol=1e-5, atol=1e-8)
+        assert_grads_close(uncached, cached, rtol=1e-3, atol=1e-7)
 
 
 # -- alignment refresh (alignment_every) -------------------------------------------------------
