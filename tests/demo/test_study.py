@@ -58,6 +58,7 @@ CHANGES = {
     "weight": lambda d, r, e: (d, dataclasses.replace(r, weight=0.31), e),
     "ratio": lambda d, r, e: (d, dataclasses.replace(r, harmful_ratio=0.7), e),
     "seed": lambda d, r, e: (d, dataclasses.replace(r, seed=8), e),
+    "alignment_every": lambda d, r, e: (d, dataclasses.replace(r, alignment_every=4), e),
     "torch version": lambda d, r, e: (d, r, {**e, "torch": "0.0.1"}),
     "package version": lambda d, r, e: (d, r, {**e, "package": "9.9.9"}),
     "threads": lambda d, r, e: (d, r, {**e, "threads": 2}),
@@ -307,6 +308,76 @@ def test_incomplete_seeds_are_left_out_of_the_pairing():
     assert analysis["seeds"]["0.1"] == list(range(12))
 
 
+# --- HS versus alignment_every -----------------------------------------------------
+
+
+def _refresh_entries(hs_of_k, seeds=range(10), ks=(1, 2, 4, 8), ratios=(0.1, 0.5)) -> list[dict]:
+    rng = random.Random(4)
+    out = []
+    for p in ratios:
+        for s in seeds:
+            base = rng.uniform(-0.1, 0.1)  # a per-seed effect shared by every k (pairing)
+            for k in ks:
+                hs = min(max(0.3 + base + hs_of_k(k, p) + rng.uniform(-0.01, 0.01), 0.0), 1.0)
+                out.append(
+                    {"method": "safegrad", "weight": 1.0, "harmful_ratio": p, "seed": s}
+                    | {"alignment_every": None if k == 1 else k}
+                    | {"metrics": {"harmful_score": hs, "finetune_accuracy": 0.95}}
+                )
+    return out
+
+
+def test_refresh_analysis_finds_where_safety_degrades():
+    flat = stats.refresh_analysis(_refresh_entries(lambda k, p: 0.0), (1, 2, 4, 8), (0.1, 0.5))
+    assert flat["degrades_from"] is None and flat["ks"] == [1, 2, 4, 8]
+    assert all(row["verdict"] == "none" for r in flat["ratios"] for row in r["rows"][1:])
+    assert "significantly at no p" in report.refresh_conclusion(flat)[0]
+
+    # HS rises by 20 points from k = 4 on, at p = 0.5 only.
+    def rises(k, p):
+        return 0.2 if k >= 4 and p == 0.5 else 0.0
+
+    worse = stats.refresh_analysis(_refresh_entries(rises), (2, 4, 8), (0.1, 0.5))
+    assert worse["degrades_from"] == 4
+    at = {r["p"]: {row["k"]: row for row in r["rows"]} for r in worse["ratios"]}
+    assert at[0.5][4]["verdict"] == "higher" and at[0.5][2]["verdict"] == "none"
+    assert at[0.5][8]["d_hs"]["lo"] > 0.15 and at[0.1][8]["verdict"] == "none"
+    sentence = report.refresh_conclusion(worse)[0]
+    assert "degrades safety from k = 4" in sentence and "p = 0.5" in sentence
+    section = "\n".join(report.refresh_section(worse, {"refresh_rho": 1.0}))
+    assert "significantly higher" in section and "p = 0.1, 10 paired seeds." in section
+
+
+def test_refresh_analysis_pairs_only_complete_seeds():
+    entries = [
+        e
+        for e in _refresh_entries(lambda k, p: 0.0)
+        if not (e["seed"] == 3 and e["alignment_every"] == 8 and e["harmful_ratio"] == 0.5)
+    ]
+    sweep = stats.refresh_analysis(entries, (1, 2, 4, 8), (0.1, 0.5, 0.9))
+    seeds = {r["p"]: r["seeds"] for r in sweep["ratios"]}
+    assert seeds == {0.1: list(range(10)), 0.5: [s for s in range(10) if s != 3]}
+
+
+def test_full_design_adds_the_refresh_sweep_once():
+    design = study.design_from(_args())
+    assert design.refresh == (1, 2, 4, 8) and design.refresh_ratios == (0.1, 0.3, 0.5)
+    runs = design.runs()
+    assert len(runs) == len(set(runs)) == 60 + 300 + 300 + 3 * 3 * 10  # k = 1 is a grid run
+    assert design.refresh_rho in design.rho  # so k = 1 is the grid's own run
+    assert not study.design_from(_args("--alignment-every", "1")).refresh_runs(0)
+    with pytest.raises(SystemExit):
+        _args("--alignment-every", "0,2")
+
+
+def test_grid_keys_do_not_depend_on_the_refresh_field():
+    run = study.StudyRun("safegrad", 1.0, 0.3, 0)
+    assert _key(run=run) == _key(run=dataclasses.replace(run, alignment_every=None))
+    assert "alignment_every" not in study.run_inputs(
+        study.design_from(_args("--quick")), run, cache.environment(threads=1), "x"
+    )
+
+
 # --- the design's pairing ----------------------------------------------------------
 
 
@@ -387,8 +458,21 @@ def quick_study(tmp_path_factory):
 
 def test_quick_study_end_to_end(quick_study):
     _, out, results = quick_study
-    assert results["meta"]["trained"] == len(results["runs"]) == 3 * 2 * 2  # configs x p x seeds
+    # configs x p x seeds, plus SafeGrad at k = 4 (k = 1 is the grid's run) x 1 p x seeds
+    assert results["meta"]["trained"] == len(results["runs"]) == 3 * 2 * 2 + 2
     assert results["meta"]["missing"] == 0
+    refreshed = [r for r in results["runs"] if r["alignment_every"] == 4]
+    assert len(refreshed) == 2 and {r["harmful_ratio"] for r in refreshed} == {0.3}
+    for r in refreshed:  # the period reached the training loop: fewer alignment passes
+        twin = next(
+            e for e in results["runs"]
+            if e["alignment_every"] is None and e["method"] == "safegrad"
+            and (e["harmful_ratio"], e["seed"]) == (0.3, r["seed"])
+        )  # fmt: skip
+        assert 0 < r["log"]["alignment_passes"] < twin["log"]["alignment_passes"]
+    sweep = results["alignment_every"]
+    assert sweep["ks"] == [1, 4] and [r["p"] for r in sweep["ratios"]] == [0.3]
+    assert sweep["ratios"][0]["seeds"] == [0, 1]
     on_disk = json.loads((out / "results.json").read_text())
     assert set(on_disk) >= {"meta", "design", "analysis", "conclusion", "runs"}
     for r in on_disk["runs"]:
@@ -399,7 +483,9 @@ def test_quick_study_end_to_end(quick_study):
     text = (out / "report.md").read_text()
     assert "--quick run" in text and study.FULL_COMMAND in text
     assert " ".join(on_disk["conclusion"]) in text
-    for name in ("pareto.png", "hs_vs_p.png"):
+    assert "## HS versus alignment_every" in text and "| 4 |" in text
+    assert "alignment gradient only every k-th step" in on_disk["conclusion"][-1]
+    for name in ("pareto.png", "hs_vs_p.png", "hs_vs_k.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -417,11 +503,11 @@ def test_second_invocation_reuses_the_cache(quick_study, monkeypatch, tmp_path):
         again = study.run(
             _args("--quick", "--out", str(tmp_path / "again"), "--no-progress", *extra)
         )
-        assert again["meta"]["trained"] == 0 and again["meta"]["reused"] == 12
+        assert again["meta"]["trained"] == 0 and again["meta"]["reused"] == 14
         assert _same(again["analysis"], first["analysis"])
     # A fresh cache (another machine) continues from the committed results.json.
     fresh = study.run(_args("--quick", "--out", str(out), "--cache-dir", str(tmp_path / "fresh")))
-    assert fresh["meta"]["seeded_from_results"] == 12 and fresh["meta"]["trained"] == 0
+    assert fresh["meta"]["seeded_from_results"] == 14 and fresh["meta"]["trained"] == 0
     assert fresh["aligned"] == first["aligned"] and _same(fresh["analysis"], first["analysis"])
 
 
@@ -457,7 +543,8 @@ def test_study_subcommand_delegates(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(study, "run", lambda args: seen.setdefault("args", args) and {})
     assert main(["study", "--quick", "--jobs", "2", "--out", str(tmp_path)]) == 0
     assert seen["args"].quick and seen["args"].jobs == 2
-    for bad in (["--jobs", "0"], ["--threads", "two"], ["--time-budget", "-5"]):
+    bad_flags = (["--jobs", "0"], ["--threads", "two"], ["--time-budget", "-5"])
+    for bad in (*bad_flags, ["--alignment-every", "2,x"], ["--alignment-every", "0"]):
         with pytest.raises(SystemExit) as exc:
             main(["study", *bad])
         assert exc.value.code == 2 and bad[0] in capsys.readouterr().err

@@ -18,7 +18,11 @@ and the same command continues where the last piece stopped; ``--report-only`` r
 the report from the cache without training. ``--quick`` runs the same code path on a
 tiny model (2 seeds, 2 ratios, 1 weight; the test suite runs it).
 
-Cost of the full design (660 runs: sft + 5 weights each of mixed and safegrad, 6 ratios,
+HS versus ``alignment_every`` (the step-cost option): SafeGrad at its default rho with the
+alignment gradient refreshed every k = 2, 4, 8 steps at p = 0.1, 0.3, 0.5 on the same seeds,
+beside the grid's k = 1 run (90 runs more; ``--alignment-every 1`` leaves the sweep out).
+
+Cost of the grid (660 runs: sft + 5 weights each of mixed and safegrad, 6 ratios,
 10 seeds), from full-recipe runs of this code measured here (2026-12-01, seed 0, p = 0.1
 and 0.9, ``--jobs 1``, load average 7-8 on the 2 cores): CPU seconds per run (training +
 evaluation) sft 3.8, mixed 6.5, safegrad 6.4; wall seconds 7.6, 13.1, 11.9. That is
@@ -58,6 +62,12 @@ DEFAULT_WEIGHTS = (0.03, 0.1, 0.3, 1.0, 3.0)
 QUICK_RATIOS = (0.3, 0.9)  # two positive ratios: the trend test runs too
 QUICK_SEEDS = (0, 1)
 QUICK_WEIGHTS = (1.0,)
+# HS versus alignment_every: SafeGrad at its registry default rho, k = 1 (the grid's own
+# run) and the refresh periods below, at the ratios below, on the same paired seeds.
+DEFAULT_REFRESH = (1, 2, 4, 8)
+DEFAULT_REFRESH_RATIOS = (0.1, 0.3, 0.5)
+QUICK_REFRESH = (1, 4)
+QUICK_REFRESH_RATIOS = (0.3,)
 DEFAULT_OUT = Path("docs/study")
 QUICK_OUT = Path("safegrad_study_quick")
 
@@ -70,6 +80,7 @@ class StudyRun:
     weight: float | None  # the method's swept hyperparameter (None: sft, spf)
     harmful_ratio: float
     seed: int
+    alignment_every: int | None = None  # SafeGrad's refresh period; None: every step (k = 1)
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,19 @@ class Design:
     eval_sizes: tuple[int, int, int]
     eval_seed: int
     quick: bool = False
+    refresh: tuple[int, ...] = ()  # alignment_every values k (1 included: the baseline)
+    refresh_ratios: tuple[float, ...] = ()
+    refresh_rho: float = 1.0
+
+    def refresh_runs(self, seed: int) -> list[StudyRun]:
+        """SafeGrad at ``refresh_rho`` for each k; k = 1 is the grid's run (same key)."""
+        if SUBJECT not in self.methods:
+            return []
+        return [
+            StudyRun(SUBJECT, self.refresh_rho, p, seed, None if k == 1 else k)
+            for p in self.refresh_ratios
+            for k in self.refresh
+        ]
 
     def configs(self) -> list[tuple[str, float | None]]:
         """(method, weight) pairs, in method order, weights ascending."""
@@ -101,12 +125,11 @@ class Design:
 
     def runs(self) -> list[StudyRun]:
         """Seed-major order: a piece that stops early leaves whole seeds done."""
-        return [
-            StudyRun(method, weight, p, seed)
-            for seed in self.seeds
-            for p in self.ratios
-            for method, weight in self.configs()
-        ]
+        runs = []
+        for seed in self.seeds:
+            runs += [StudyRun(m, w, p, seed) for p in self.ratios for m, w in self.configs()]
+            runs += self.refresh_runs(seed)
+        return list(dict.fromkeys(runs))  # a k = 1 refresh run may be a grid run
 
     def pairs(self) -> list[tuple[str, str]]:
         """The compared method pairs: the question first, then each method against sft."""
@@ -139,6 +162,12 @@ def design_from(args: argparse.Namespace) -> Design:
         aspec = replace(aspec, **QUICK["align"])
         uspec = replace(uspec, **QUICK["user"])
     weights = QUICK_WEIGHTS if quick else DEFAULT_WEIGHTS
+    from ...surgery.methods import HYPERPARAMETERS, get_method
+
+    refresh = args.alignment_every or (QUICK_REFRESH if quick else DEFAULT_REFRESH)
+    refresh = [HYPERPARAMETERS["alignment_every"].validate(k) for k in refresh]
+    if refresh == [1]:
+        refresh = ()  # only the grid's k = 1: no sweep
     return Design(
         methods=tuple(args.methods or DEFAULT_METHODS),
         ratios=tuple(args.ratios or (QUICK_RATIOS if quick else DEFAULT_RATIOS)),
@@ -151,6 +180,11 @@ def design_from(args: argparse.Namespace) -> Design:
         eval_sizes=tuple(QUICK["eval"] if quick else EVAL_SIZES),
         eval_seed=EVAL_SEED,
         quick=quick,
+        refresh=tuple(sorted(set(refresh) | {1})) if refresh else (),
+        refresh_ratios=tuple(
+            args.refresh_ratios or (QUICK_REFRESH_RATIOS if quick else DEFAULT_REFRESH_RATIOS)
+        ),
+        refresh_rho=float(get_method(SUBJECT).defaults["rho"]),
     )
 
 
@@ -171,6 +205,7 @@ def run_inputs(design: Design, run: StudyRun, env: dict, aligned: str) -> dict:
     from ..model import WORLD_VERSION
     from ..train import swept
 
+    refresh = {} if run.alignment_every is None else {"alignment_every": run.alignment_every}
     return {
         "env": env,
         "world_version": WORLD_VERSION,
@@ -184,6 +219,7 @@ def run_inputs(design: Design, run: StudyRun, env: dict, aligned: str) -> dict:
         "weight": None if run.weight is None else float(run.weight),
         "harmful_ratio": float(run.harmful_ratio),
         "seed": int(run.seed),
+        **refresh,  # absent for k = 1, so the grid's runs keep their keys
     }
 
 
@@ -222,7 +258,7 @@ def _train_one(run: StudyRun) -> dict:
     model, log = train.user_stage(
         w["state"], w["tok"], w["mspec"], w["uspec"], method=run.method,
         weight=run.weight or 0.0, harmful_ratio=run.harmful_ratio, seed=run.seed,
-        paired_batches=True,
+        alignment_every=run.alignment_every or 1, paired_batches=True,
     )  # fmt: skip
     metrics = evaluate.evaluate(model, w["tok"], w["evals"])
     return {
@@ -318,6 +354,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _periods(text: str) -> list[int]:
+    from .. import _ints
+
+    values = _ints(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .. import _floats, _ints, _methods
 
@@ -337,6 +382,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lam", type=_floats, default=None, help=f"mixed lambda values (default {weights})"
     )
+    refresh = ",".join(map(str, DEFAULT_REFRESH))
+    parser.add_argument(
+        "--alignment-every", type=_periods, default=None, metavar="K,...",
+        help=f"SafeGrad refresh periods swept at its default rho (default {refresh}; 1: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--refresh-ratios", type=_floats, default=None,
+        help="harmful ratios of the alignment_every sweep (default "
+        f"{','.join(f'{p:g}' for p in DEFAULT_REFRESH_RATIOS)})",
+    )  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=None,
         help=f"report folder (default {DEFAULT_OUT}; with --quick {QUICK_OUT})",
@@ -366,11 +421,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _command(args: argparse.Namespace, out: Path) -> str:
     parts = ["safegrad", "study"]
-    for flag in ("methods", "ratios", "seeds", "rho", "lam"):
+    for flag in ("methods", "ratios", "seeds", "rho", "lam", "alignment_every", "refresh_ratios"):
         value = getattr(args, flag)
         if value is not None:
             parts += [
-                f"--{flag}",
+                "--" + flag.replace("_", "-"),
                 ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value),
             ]
     for flag in ("quick", "report_only"):
@@ -405,20 +460,6 @@ def _cost(design: Design, entries: dict[StudyRun, dict], missing: list[StudyRun]
         "projected_cpu_s": sum(cpu(r) for r in design.runs()),
         "remaining_cpu_s": sum(cpu(r) for r in missing),
     }
-
-
-def _alignment_every_note() -> str:
-    from ...surgery.methods import HYPERPARAMETERS
-
-    if "alignment_every" not in HYPERPARAMETERS:
-        return (
-            "Not run: the method registry has no `alignment_every` option (the step-cost "
-            "issue has not landed), so there is nothing to sweep."
-        )
-    return (
-        "Not run: the registry now has `alignment_every`, but this study does not sweep it "
-        "yet (the demo's user stage takes no such setting); a follow-up adds the axis."
-    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -477,7 +518,19 @@ def run(args: argparse.Namespace) -> dict:
         entries = {r: e for r, k in keyed if (e := store.load(k)) is not None}
 
     missing = [r for r, _ in keyed if r not in entries]
-    analysis = stats.analyse(entries.values(), design.configs(), design.ratios, design.pairs())
+    grid = [e for r, e in entries.items() if r.alignment_every is None]
+    analysis = stats.analyse(grid, design.configs(), design.ratios, design.pairs())
+    refresh = None
+    if design.refresh:
+        refresh = stats.refresh_analysis(
+            [
+                e
+                for r, e in entries.items()
+                if (r.method, r.weight) == (SUBJECT, design.refresh_rho)
+            ],
+            design.refresh,
+            design.refresh_ratios,
+        )
     results = {
         "meta": _meta(args, out, design, time.perf_counter() - started)
         | {"trained": trained, "reused": reused, "missing": len(missing), "expected": len(keyed)}
@@ -486,8 +539,8 @@ def run(args: argparse.Namespace) -> dict:
         "design": design.to_dict(),
         "aligned": None if aligned_entry is None else aligned_entry["metrics"],
         "analysis": analysis,
-        "conclusion": report.conclusion(analysis),
-        "alignment_every": _alignment_every_note(),
+        "conclusion": report.conclusion(analysis) + report.refresh_conclusion(refresh),
+        "alignment_every": refresh,
         "full_command": FULL_COMMAND,
         "runs": [
             {k: v for k, v in e.items() if k not in ("metrics",)}
@@ -541,6 +594,25 @@ def _evaluate_aligned(state, tok, design: Design) -> dict:
     return {"metrics": {k: v for k, v in metrics.items() if k != "examples"}}
 
 
+def _commit() -> str:
+    """The git commit of the code that ran (``+dirty`` with uncommitted edits), or n/a."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+            text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=here.parent.parent,
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "n/a"
+    return head + ("+dirty" if dirty else "")
+
+
 def _meta(args: argparse.Namespace, out: Path, design: Design, runtime: float) -> dict:
     import peft
     import torch
@@ -549,6 +621,7 @@ def _meta(args: argparse.Namespace, out: Path, design: Design, runtime: float) -
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "command": _command(args, out),
+        "commit": _commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,

@@ -243,6 +243,65 @@ def _group_sentences(analysis: dict, a: str, b: str, na: str, nb: str) -> list[s
 # --- the markdown ------------------------------------------------------------------
 
 
+def refresh_conclusion(refresh: dict | None) -> list[str]:
+    """One sentence on HS versus SafeGrad's refresh period k (``stats.refresh_analysis``)."""
+    if not refresh or not refresh["ratios"]:
+        return []
+    ks = [k for k in refresh["ks"] if k != 1]
+    ps = _ps(r["p"] for r in refresh["ratios"])
+    rows = [(r["p"], row) for r in refresh["ratios"] for row in r["rows"] if row["k"] != 1]
+    tested = [(p, row) for p, row in rows if row["verdict"] in TESTED]
+    if not tested:
+        return [f"HS versus alignment_every (k = {_ps(ks)}) has no interval yet (one seed)."]
+    worst_p, worst = max(tested, key=lambda t: t[1]["d_hs"]["hi"])
+    bound = (
+        f"the largest upper bound of the HS rise is {_pts(worst['d_hs']['hi'])} points "
+        f"(k = {worst['k']}, p = {worst_p:g})"
+    )
+    k0 = refresh["degrades_from"]
+    if k0 is None:
+        return [
+            f"Computing the alignment gradient only every k-th step (k = {_ps(ks)}) raises "
+            f"SafeGrad's HS significantly at no p in {{{ps}}} against every step; {bound}."
+        ]
+    where = _ps(p for p, row in rows if row["k"] == k0 and row["verdict"] == "higher")
+    return [
+        f"Computing the alignment gradient only every k-th step degrades safety from k = {k0}: "
+        f"HS is significantly higher than with every step at p = {where}; {bound}."
+    ]
+
+
+def refresh_section(refresh: dict | None, design: dict) -> list[str]:
+    if not refresh:
+        return ["Not run (`--alignment-every 1`: no sweep).", ""]
+    lines = [
+        f"SafeGrad at rho = {design['refresh_rho']:g} (its default) with the alignment gradient "
+        "computed on every k-th optimizer step and kept in between (the coefficient is "
+        "recomputed every step); k = 1 is the grid's own run, and every k uses the same paired "
+        "seeds. Δ: paired difference to k = 1.",
+        "",
+    ]
+    for r in refresh["ratios"]:
+        rows = [
+            [
+                str(row["k"]),
+                est_text(row["hs"]),
+                est_text(row["fa"]),
+                "-" if row["k"] == 1 else diff_text(row["d_hs"]),
+                "-" if row["k"] == 1 else diff_text(row["d_fa"]),
+                "-" if row["k"] == 1 else VERDICT_WORDS[row["verdict"]],
+            ]
+            for row in r["rows"]
+        ]
+        lines += [f"p = {r['p']:g}, {len(r['seeds'])} paired seeds.", ""]
+        lines += _table(["k", "HS %", "FA %", "Δ HS", "Δ FA", "HS vs k = 1"], rows)
+        lines += [""]
+    lines += [" ".join(refresh_conclusion(refresh)) or "No complete seeds yet.", ""]
+    if any(r["rows"] for r in refresh["ratios"]):
+        lines += ["![HS versus alignment_every](hs_vs_k.png)", ""]
+    return lines
+
+
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + [
         "| " + " | ".join(r) + " |" for r in rows
@@ -255,6 +314,8 @@ def write_all(out: Path, results: dict) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot_pareto(out / "pareto.png", results["analysis"])
     plot_hs_vs_p(out / "hs_vs_p.png", results["analysis"])
+    if results.get("alignment_every"):
+        plot_hs_vs_k(out / "hs_vs_k.png", results["alignment_every"])
     (out / "report.md").write_text(markdown(results))
 
 
@@ -270,7 +331,7 @@ def markdown(results: dict) -> str:
             "",
         ]
     lines += [
-        f"Command: `{meta['command']}`  ",
+        f"Command: `{meta['command']}` (code at commit {meta.get('commit', 'n/a')})  ",
         f"Date: {meta['date']}; machine: {meta['machine']}; torch {meta['torch']}, "
         f"transformers {meta['transformers']}, peft {meta['peft']}; threads per run "
         f"{meta['threads']}, jobs {meta['jobs']}  ",
@@ -301,6 +362,14 @@ def markdown(results: dict) -> str:
         f"lam {_ps(design['lam'])} (mixed); sft has none.",
         f"- Harmful ratios p = {_ps(design['ratios'])}; "
         f"seeds {', '.join(map(str, design['seeds']))}.",
+        *(
+            [
+                f"- HS versus alignment_every: safegrad at rho {design['refresh_rho']:g}, "
+                f"k = {_ps(design['refresh'])}, p = {_ps(design['refresh_ratios'])}, same seeds."
+            ]
+            if design.get("refresh")
+            else []
+        ),
         "- Paired: a seed fixes the user data draw, the safety-set draw, the LoRA",
         "  initialisation and the user batch order, the same for every method (user and",
         "  safety batches come from separate generators: `user_stage(paired_batches=True)`).",
@@ -451,7 +520,8 @@ def markdown(results: dict) -> str:
         lines += _table(["method", "floor", "Δ HS (95% CI)", "verdict"], rows)
     else:
         lines += ["Not available: it needs two positive harmful ratios with complete runs."]
-    lines += ["", "## HS versus alignment_every", "", results["alignment_every"], ""]
+    lines += ["", "## HS versus alignment_every", ""]
+    lines += refresh_section(results["alignment_every"], design)
     lines += ["## Cost", ""]
     lines += _table(
         ["method", "runs measured", "wall s / run", "CPU s / run"],
@@ -577,6 +647,34 @@ def plot_hs_vs_p(path: Path, an: dict) -> None:
     ax.set_ylim(-5, 105)
     ax.set_title(f"HS at each method's best weight (solid: FA >= {an['settings']['fa_floor']:.0%})")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_hs_vs_k(path: Path, refresh: dict) -> None:
+    """SafeGrad's HS (and FA) versus its refresh period k, one line per p, with intervals."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for i, r in enumerate(refresh["ratios"]):
+        ks = [row["k"] for row in r["rows"]]
+        for ax, key in zip(axes, ("hs", "fa")):
+            est = [row[key] for row in r["rows"]]
+            ax.errorbar(
+                ks, [100 * e["mean"] for e in est],
+                yerr=[[100 * (e["mean"] - e["lo"]) for e in est],
+                      [100 * (e["hi"] - e["mean"]) for e in est]],
+                fmt="-o", color=f"C{i}", capsize=3, label=f"p = {r['p']:g}",
+            )  # fmt: skip
+    for ax, name in zip(axes, ("harmful score %", "fine-tune accuracy %")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(refresh["ks"], [str(k) for k in refresh["ks"]])
+        ax.set_xlabel("alignment_every k")
+        ax.set_ylabel(name)
+        ax.set_ylim(-5, 105)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("SafeGrad HS versus refresh period")
+    axes[1].set_title("FA versus refresh period")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

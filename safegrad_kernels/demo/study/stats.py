@@ -446,3 +446,45 @@ def analyse(
         order = [*primary, *(m for m in methods if m not in primary)]
         out["trend"] = trend(blocks[positive[0]], blocks[positive[-1]], order, resample_indices)
     return out
+
+
+# --- HS versus alignment_every -----------------------------------------------------
+
+
+def refresh_analysis(
+    entries: Iterable[dict], refresh: Sequence[int], ratios: Sequence[float]
+) -> dict:
+    """One method at one weight, per p and refresh period k: HS and FA with intervals, and
+    the paired differences to k = 1 (an entry's ``alignment_every`` None means k = 1).
+
+    Per p the seeds are those with a run for every k (the pairing needs all). ``degrades_from``:
+    the smallest k whose HS is significantly higher than k = 1's at some p (None if none).
+    """
+    table: dict[tuple[float, int, int], dict] = {}
+    for e in entries:
+        k = e.get("alignment_every") or 1
+        table[(e["harmful_ratio"], k, e["seed"])] = e["metrics"]
+    ks = sorted(set(refresh) | {1})
+    out: dict = {"ks": ks, "ratios": [], "degrades_from": None}
+    for p in ratios:
+        per_k = [{s for (q, kk, s) in table if (q, kk) == (p, k)} for k in ks]
+        seeds = sorted(set.intersection(*per_k))
+        if not seeds:
+            continue
+        idx = resample_indices(len(seeds))
+        hs = {k: np.array([table[(p, k, s)]["harmful_score"] for s in seeds]) for k in ks}
+        fa = {k: np.array([table[(p, k, s)]["finetune_accuracy"] for s in seeds]) for k in ks}
+        rows = []
+        for k in ks:
+            row = {"k": k, "hs": mean_interval(hs[k], idx), "fa": mean_interval(fa[k], idx)}
+            if k != 1:
+                row["d_hs"] = paired_difference(hs[k], hs[1], idx)
+                row["d_fa"] = paired_difference(fa[k], fa[1], idx)
+                row["verdict"] = verdict(row["d_hs"])
+                if row["verdict"] == "higher" and (
+                    out["degrades_from"] is None or k < out["degrades_from"]
+                ):
+                    out["degrades_from"] = k
+            rows.append(row)
+        out["ratios"].append({"p": p, "seeds": seeds, "rows": rows})
+    return out
