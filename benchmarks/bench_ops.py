@@ -52,6 +52,7 @@ from benchmarks.harness import (
     mem_available_gb,
     provenance,
     read_csv,
+    run_header,
     time_interleaved,
 )
 from benchmarks.workloads import WORKLOADS, tiny_workload
@@ -313,11 +314,7 @@ def main(argv: Sequence[str] | None = None, ops: Sequence[str] | None = None) ->
         print("# torchjd: not installed (pip install torchjd); its PCGrad provider is skipped")
     warm_backends(backends, device)
     mem_gb = args.mem_gb or 0.7 * mem_available_gb()
-    print(
-        f"# {prov['machine']} | {prov['cores']} cores, {prov['threads']} torch threads | "
-        f"torch {prov['torch']} | triton {prov['triton']} | commit {prov['commit']} | "
-        f"{prov['date']} | load {prov['loadavg']}"
-    )
+    print("# " + run_header(prov, f"triton {prov['triton']}"))
     print(
         f"# backends: {', '.join(backends) or 'none'}; providers: {', '.join(providers)}; "
         f"memory budget {mem_gb:.1f} GB"

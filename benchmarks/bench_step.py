@@ -21,8 +21,9 @@ the model differs from its reference and the alignment gradient is not zero. Bat
 random tokens, the first half of each row a prompt (label -100), the rest the response.
 
 Methods: every entry of the registry ``safegrad_kernels.surgery.METHODS`` (the library
-path, as ``safegrad_kernels.demo.train`` drives it, minus caching; settings ``SETTINGS``),
-plus the benchmark-only ``authors`` baseline:
+path, as ``safegrad_kernels.demo.train`` drives it, with the reference recomputed every
+step, i.e. ``cache_reference=False``; settings ``SETTINGS``), plus the benchmark-only
+``authors`` baseline:
 
 ``sft``       task cross-entropy forward/backward, AdamW.
 ``mixed``     + alignment KL(P_ref || P_theta) with weight 1 (reference logits from the
@@ -40,11 +41,12 @@ Variants (``--methods`` takes them beside the plain names): ``METHOD[+cache][+ev
 trainer uses for it, in this benchmark's own loop (``StepRunner``, not the HF Trainer,
 whose loop overhead is the same with or without a defense):
 
-``+cache``    ``cache_reference=True``: ``losses.ReferenceCache``, as the trainer's
-              ``_reference`` calls it. It is filled once after set-up (the trainer fills
-              it on each example's first visit; the issue moves that before the first
-              step), so the timed steps are its steady state; its host memory counts in
-              the training memory (it is filled after the set-up RSS is read).
+``+cache``    ``cache_reference=True``: the exact fp32 ``ReferenceStore`` of the whole
+              alignment set, built by ``integrations.reference.build_reference_store``
+              and read with ``kl_from_reference``, as ``SafeGradTrainer`` does (it builds
+              the store before its first optimizer step; here once after set-up), so the
+              timed steps are its steady state; its host memory counts in the training
+              memory (it is built after the set-up RSS is read).
 ``+every=K``  ``alignment_every=K``: the registry's setting, so the surgeon's own
               ``wants_reference`` decides (``Method.alignment_due``), as in the trainer;
               alignment batches advance only on refresh steps.
@@ -68,13 +70,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import json
 import math
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -87,7 +87,16 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import REPO_ROOT, RESULTS_DIR, add_threads_argument, provenance
+from benchmarks.harness import (
+    RESULTS_DIR,
+    RUN_FIELDS,
+    add_threads_argument,
+    append_csv,
+    markdown_table,
+    provenance,
+    run_header,
+)
+from benchmarks.memory import MALLOC_RSS_FOLLOWS_LIVE_BYTES, proc_status_mib, run_worker
 from safegrad_kernels.demo.train import METHODS as LIBRARY_METHODS
 from safegrad_kernels.losses import model_inputs, response_ce
 from safegrad_kernels.surgery import get_method
@@ -242,7 +251,7 @@ def parse_variant(text: str) -> Variant:
     if options and (spec is None or not spec.needs_alignment):
         raise ValueError(f"{text!r}: {method} has no alignment pass to change")
     if variant.cache and spec.alignment_loss != "kl":
-        raise ValueError(f"{text!r}: the reference cache holds KL reference logits")
+        raise ValueError(f"{text!r}: the reference store holds the KL's reference")
     # A method without the registry's hyperparameter (mixed, spf) has no refresh to set.
     if variant.alignment_every != 1 and "alignment_every" not in spec.defaults:
         raise ValueError(f"{text!r}: {method} has no alignment_every setting")
@@ -261,13 +270,6 @@ def cost_study(config: str) -> list[str]:
         "safegrad+cache+every=4",
         *[f"safegrad+ab={n}" for n in smaller],
     ]
-
-
-def _vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 # --------------------------------------------------------------------------- worker
@@ -293,7 +295,6 @@ class StepRunner:
         from transformers.utils import logging as hf_logging
 
         from safegrad_kernels.integrations.peft import lora_parameters
-        from safegrad_kernels.losses import ReferenceCache
 
         hf_logging.set_verbosity_error()
         torch.manual_seed(seed)
@@ -342,21 +343,43 @@ class StepRunner:
         settings = dict(SETTINGS, alignment_every=variant.alignment_every)
         self.settings = self.spec.validate(**settings) if self.spec is not None else {}
         self.surgeon = self.spec.build_surgeon(self.params, self.settings) if self.spec else None
-        self.cache = ReferenceCache(positions="response") if variant.cache else None
+        # The alignment labels on the host: the trainer hands the store its batch's labels
+        # from before the move to the device, so that reading the store needs no sync.
+        self.align_host_labels = [batch["labels"].cpu() for batch, _ in self.align]
+        self.store = None  # the reference store, built by prefill() for +cache
         self.model.train()
         self.n = 0
         self.alignment_passes = 0
 
     def prefill(self) -> None:
-        """Fill the reference cache (if any) with every alignment example; untimed set-up."""
-        if self.cache is not None:
-            for batch, indices in self.align:
-                self.cache.get(self.model, batch, indices)
+        """Build the reference store (for ``+cache``) of every alignment example, from the
+        starting model, as ``SafeGradTrainer`` does before its first step; untimed set-up."""
+        if not self.variant.cache or self.store is not None:
+            return
+        from safegrad_kernels.integrations.reference import build_reference_store
+
+        cuda = self.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            self.store = build_reference_store(
+                self.model,
+                ((indices, batch) for batch, indices in self.align),
+                positions="response",
+                top_k=None,
+            )
 
     def _clock(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+    def _task_pass(self, batch: dict[str, torch.Tensor], ph: dict[str, float]) -> None:
+        """The task cross-entropy forward and backward, timed into ``ph``."""
+        s0 = self._clock()
+        loss = response_ce(self.model(**model_inputs(batch)).logits, batch["labels"])
+        ph["task_fwd"] = self._clock() - s0
+        s0 = self._clock()
+        loss.backward()
+        ph["task_bwd"] = self._clock() - s0
 
     def step(self) -> tuple[dict[str, float], float]:
         """One optimizer step; (seconds per phase, total seconds)."""
@@ -365,12 +388,14 @@ class StepRunner:
             return self._step()
 
     def _step(self) -> tuple[dict[str, float], float]:
+        from safegrad_kernels.fused_losses import kl_from_reference
         from safegrad_kernels.losses import kl_alignment_loss, reference_logits
 
         model, params, opt, surgeon = self.model, self.params, self.opt, self.surgeon
         ub = self.user[self.n % 4]
         # The next alignment batch in the cycle; it advances only on steps that use one.
-        ab, ab_indices = self.align[self.alignment_passes % len(self.align)]
+        which = self.alignment_passes % len(self.align)
+        ab, ab_indices = self.align[which]
         self.n += 1
         ph = dict.fromkeys(PHASES, 0.0)
         t = self._clock
@@ -379,12 +404,7 @@ class StepRunner:
         if spec is None:  # the authors' step
             self.alignment_passes += 1
             # -- task gradient, cloned
-            s0 = t()
-            loss_u = response_ce(model(**model_inputs(ub)).logits, ub["labels"])
-            ph["task_fwd"] = t() - s0
-            s0 = t()
-            loss_u.backward()
-            ph["task_bwd"] = t() - s0
+            self._task_pass(ub, ph)
             s0 = t()
             g_u = [p.grad.clone() for p in params]
             opt.zero_grad(set_to_none=True)
@@ -421,11 +441,15 @@ class StepRunner:
             if spec.alignment_due(surgeon):
                 self.alignment_passes += 1
                 kl = spec.alignment_loss == "kl"
+                labels = ab["labels"]
                 s0 = t()
                 if not kl:
                     ref = None
-                elif self.cache is not None:  # as SafeGradTrainer._reference
-                    ref = self.cache.get(model, ab, ab_indices)
+                elif self.store is not None:  # as SafeGradTrainer._kl_alignment_loss
+                    host = self.align_host_labels[which]
+                    ref = self.store.get(
+                        ab_indices, labels=host, seq_len=labels.shape[1], device=labels.device
+                    )
                 else:
                     ref = reference_logits(model, ab)
                 ph["ref_fwd"] = t() - s0
@@ -433,10 +457,12 @@ class StepRunner:
                 with ctx:
                     s0 = t()
                     logits = model(**model_inputs(ab)).logits
-                    if kl:
-                        loss_a = kl_alignment_loss(logits, ref, ab["labels"])
+                    if not kl:
+                        loss_a = response_ce(logits, labels)
+                    elif self.store is not None:
+                        loss_a = kl_from_reference(logits, ref, labels)
                     else:
-                        loss_a = response_ce(logits, ab["labels"])
+                        loss_a = kl_alignment_loss(logits, ref, labels)
                     weight = spec.loss_weight(self.settings)
                     if weight != 1.0:
                         loss_a = loss_a * weight
@@ -449,12 +475,7 @@ class StepRunner:
                 # peak: SafeGrad's training memory on vocab128k was 1284 MiB, 846 without
                 # (SFT: 781), 2026-12-01.
                 del ref, logits, loss_a
-            s0 = t()
-            loss_u = response_ce(model(**model_inputs(ub)).logits, ub["labels"])
-            ph["task_fwd"] = t() - s0
-            s0 = t()
-            loss_u.backward()
-            ph["task_bwd"] = t() - s0
+            self._task_pass(ub, ph)
             if surgeon is not None:
                 s0 = t()
                 surgeon.step()
@@ -549,11 +570,11 @@ def memory_worker(config: str, method: str, steps: int, seed: int) -> dict:
     # process, ~10 MiB, and are not training memory).
     dot_norms([torch.ones(8)], [torch.ones(8)])
     runner = StepRunner(config, method, seed)
-    base = _vm_kib("VmRSS")
-    runner.prefill()  # the reference cache is training memory: filled after the base
+    base = proc_status_mib("VmRSS")
+    runner.prefill()  # the reference store is training memory: built after the base
     for _ in range(steps):
         runner.step()
-    return {"base_rss_mib": base / 1024, "peak_rss_mib": _vm_kib("VmHWM") / 1024}
+    return {"base_rss_mib": base, "peak_rss_mib": proc_status_mib("VmHWM")}
 
 
 # --------------------------------------------------------------------------- driver
@@ -561,25 +582,9 @@ def memory_worker(config: str, method: str, steps: int, seed: int) -> dict:
 
 def measure_memory(config: str, method: str, steps: int, seed: int) -> dict:
     """``memory_worker`` in a fresh subprocess (its VmHWM is this configuration's alone)."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_step", "--memory-worker"]
-    cmd += ["--configs", config, "--methods", method, "--steps", str(steps), "--seed", str(seed)]
-    cmd += ["--threads", str(torch.get_num_threads())]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    # glibc keeps freed heap memory resident and reuses it in an order that depends on the
-    # allocation history, so peak RSS measured the allocator's fragmentation as much as
-    # the step's live tensors (runs of one method differed by 10-20 MiB on the demo
-    # config). Serving every allocation above 64 KiB by mmap, returned on free, makes RSS
-    # follow the live bytes. Other C libraries ignore these variables.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
-    out = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"{config}/{method} failed:\n{out.stderr[-3000:]}")
-    for line in reversed(out.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise RuntimeError(f"{config}/{method}: no result line in:\n{out.stdout[-2000:]}")
+    argv = ["--memory-worker", "--configs", config, "--methods", method]
+    argv += ["--steps", str(steps), "--seed", str(seed), "--threads", str(torch.get_num_threads())]
+    return run_worker("benchmarks.bench_step", argv, env=MALLOC_RSS_FOLLOWS_LIVE_BYTES)
 
 
 def table(results: Sequence[dict]) -> list[str]:
@@ -591,20 +596,21 @@ def table(results: Sequence[dict]) -> list[str]:
         "peak MiB",
         "peak-base MiB",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in results:
         ph = r["phases_ms"]
         share = 100 * ph["surgery"] / r["step_ms_mean"]
-        cells = [
-            r["method"],
-            f"{r['step_ms_mean']:.1f}",
-            *[f"{ph[p]:.2f}" for p in PHASES],
-            f"{share:.2f}",
-            f"{r['peak_rss_mib']:.0f}",
-            f"{r['peak_rss_mib'] - r['base_rss_mib']:.0f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        rows.append(
+            [
+                r["method"],
+                f"{r['step_ms_mean']:.1f}",
+                *[f"{ph[p]:.2f}" for p in PHASES],
+                f"{share:.2f}",
+                f"{r['peak_rss_mib']:.0f}",
+                f"{r['peak_rss_mib'] - r['base_rss_mib']:.0f}",
+            ]
+        )
+    return markdown_table(head, rows)
 
 
 def _train_mib(r: dict) -> float:
@@ -633,19 +639,12 @@ def ratio_table(results: Sequence[dict]) -> list[str]:
         "train MiB",
         "train x sft",
     ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in results:
         time_x, spread, mem_x = _ratio_cells(r, sft)
-        cells = [
-            r["method"],
-            f"{r['step_ms_mean']:.1f}",
-            time_x,
-            spread,
-            f"{_train_mib(r):.0f}",
-            mem_x,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        mean = f"{r['step_ms_mean']:.1f}"
+        rows.append([r["method"], mean, time_x, spread, f"{_train_mib(r):.0f}", mem_x])
+    return markdown_table(head, rows)
 
 
 def target_verdicts(
@@ -762,21 +761,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.device != "cpu":
         args.no_memory = True
     prov = provenance(torch.device(args.device))
-    prov["threads"] = str(torch.get_num_threads())
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(
-        f"# {prov['machine']} | {prov['cores']} cores, {prov['threads']} threads | "
-        f"torch {prov['torch']} | "
-        f"commit {prov['commit']} | {prov['date']} | load {load}"
-    )
+    header = run_header(prov)
+    print(f"# {header}")
     all_results, md = (
         [],
         [
             "# bench_step results",
             "",
-            f"- machine: {prov['machine']} ({prov['cores']} cores, torch threads {prov['threads']}), "
-            f"torch {prov['torch']}, "
-            f"commit {prov['commit']}, date {prov['date']}, load average at start {load}",
+            f"- {header}",
             f"- command: `python -m benchmarks.bench_step {' '.join(argv if argv is not None else sys.argv[1:])}`",
             f"- {args.steps} timed steps after {args.warmup} warm-up steps (both rounded up to "
             "whole refresh periods, see each config), the methods stepped round-robin in a "
@@ -836,17 +828,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         md += [f"- {note}", ""]
         all_results.extend(results)
     if not args.no_save:
-        path = Path(args.csv)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        new = not path.exists()
         fields = [
-            "date",
-            "commit",
-            "machine",
-            "cores",
-            "threads",
-            "torch",
-            "loadavg",
+            *RUN_FIELDS,
             "config",
             "method",
             "model_params",
@@ -858,31 +841,19 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             "base_rss_mib",
             "peak_rss_mib",
         ]
-        with path.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            if new:
-                w.writeheader()
-            for r in all_results:
-                w.writerow(
-                    {
-                        "date": prov["date"],
-                        "commit": prov["commit"],
-                        "machine": prov["machine"],
-                        "cores": prov["cores"],
-                        "threads": prov["threads"],
-                        "torch": prov["torch"],
-                        "loadavg": load,
-                        **{
-                            k: r[k]
-                            for k in ("config", "method", "model_params", "lora_params", "steps")
-                        },
-                        "step_ms_mean": f"{r['step_ms_mean']:.3f}",
-                        "step_ms_median": f"{r['step_ms_median']:.3f}",
-                        **{f"{p}_ms": f"{r['phases_ms'][p]:.4f}" for p in PHASES},
-                        "base_rss_mib": f"{r['base_rss_mib']:.1f}",
-                        "peak_rss_mib": f"{r['peak_rss_mib']:.1f}",
-                    }
-                )
+        rows = [
+            {
+                **prov,
+                **{k: r[k] for k in ("config", "method", "model_params", "lora_params", "steps")},
+                "step_ms_mean": f"{r['step_ms_mean']:.3f}",
+                "step_ms_median": f"{r['step_ms_median']:.3f}",
+                **{f"{p}_ms": f"{r['phases_ms'][p]:.4f}" for p in PHASES},
+                "base_rss_mib": f"{r['base_rss_mib']:.1f}",
+                "peak_rss_mib": f"{r['peak_rss_mib']:.1f}",
+            }
+            for r in all_results
+        ]
+        append_csv(Path(args.csv), fields, rows)
         Path(args.md).write_text("\n".join(md) + "\n")
         print(f"# appended {len(all_results)} rows to {args.csv}; tables in {args.md}")
     return all_results

@@ -28,8 +28,6 @@ commit, date, load) and this run's table is written to ``results/torchjd.md`` (t
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,12 +42,15 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.harness import (
     DTYPES,
     RESULTS_DIR,
+    RUN_FIELDS,
     CacheFlusher,
     Candidate,
     Timing,
     add_threads_argument,
+    append_csv,
     fmt_ms,
     provenance,
+    run_header,
     time_interleaved,
 )
 from benchmarks.workloads import WORKLOADS, Workload, lora_shapes, tiny_workload
@@ -64,15 +65,8 @@ W1_EIGHTH = Workload(
     lora_shapes(32, [(_H, _H)] * 4 + [(_H, _I), (_H, _I), (_I, _H)], 16),
 )
 CSV_FIELDS = [
-    "date",
-    "commit",
-    "machine",
-    "cores",
-    "threads",
-    "torch",
+    *RUN_FIELDS,
     "torchjd",
-    "device",
-    "loadavg",
     "workload",
     "n_tensors",
     "numel",
@@ -231,7 +225,6 @@ def main(
 
     device = torch.device("cpu")
     prov = provenance(device)
-    prov["loadavg"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     prov["torchjd"] = version("torchjd")
     backends = [b for b in args.backends.split(",") if b] or [
         b for b in ("cpp", "torch") if sgk.available_backends(device)[b][0]
@@ -248,16 +241,12 @@ def main(
     argv_str = "python -m benchmarks.bench_torchjd " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
-    header = (
-        f"# {prov['machine']} | {prov['cores']} cores, {prov['threads']} torch threads | "
-        f"torch {prov['torch']} | torchjd {prov['torchjd']} | commit {prov['commit']} | "
-        f"{prov['date']} | load {prov['loadavg']}"
-    )
-    print(header)
+    header = run_header(prov, f"torchjd {prov['torchjd']}")
+    print(f"# {header}")
     md = [
         "# bench_torchjd results",
         "",
-        f"- {header[2:]}",
+        f"- {header}",
         f"- command: `{argv_str}`",
         f"- {work.name}: {work.description}, {work.n_tensors} tensors, "
         f"{work.numel / 1e6:.1f}M elements, {args.dtype}, aggregator {args.aggregator}",
@@ -279,30 +268,28 @@ def main(
         md += lines
         results[label] = (timings, diffs)
         if not args.no_save:
-            path = Path(args.csv)
-            new = not path.exists()
-            with path.open("a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-                if new:
-                    w.writeheader()
-                for name, t in timings.items():
-                    w.writerow(
-                        {
-                            **{k: prov[k] for k in CSV_FIELDS[:9]},
-                            "workload": work.name,
-                            "n_tensors": work.n_tensors,
-                            "numel": work.numel,
-                            "dtype": args.dtype,
-                            "m": m,
-                            "aggregator": args.aggregator,
-                            "provider": name,
-                            "median_ms": f"{t.median_s * 1e3:.4f}",
-                            "p20_ms": f"{t.quantile_s(0.2) * 1e3:.4f}",
-                            "p80_ms": f"{t.quantile_s(0.8) * 1e3:.4f}",
-                            "repeats": len(t.samples_s),
-                            "rel_err": f"{diffs[name]:.2e}",
-                        }
-                    )
+            case = {
+                **prov,
+                "workload": work.name,
+                "n_tensors": work.n_tensors,
+                "numel": work.numel,
+                "dtype": args.dtype,
+                "m": m,
+                "aggregator": args.aggregator,
+            }
+            rows = [
+                {
+                    **case,
+                    "provider": name,
+                    "median_ms": f"{t.median_s * 1e3:.4f}",
+                    "p20_ms": f"{t.quantile_s(0.2) * 1e3:.4f}",
+                    "p80_ms": f"{t.quantile_s(0.8) * 1e3:.4f}",
+                    "repeats": len(t.samples_s),
+                    "rel_err": f"{diffs[name]:.2e}",
+                }
+                for name, t in timings.items()
+            ]
+            append_csv(Path(args.csv), CSV_FIELDS, rows)
     if not args.no_save:
         md_path = Path(args.md or RESULTS_DIR / "torchjd.md")
         md_path.write_text("\n".join(md) + "\n")

@@ -265,6 +265,22 @@ def provenance(device: torch.device) -> dict[str, str]:
     }
 
 
+def run_header(prov: Mapping[str, str], *versions: str) -> str:
+    """One line saying where and when a run ran: machine, threads, torch, ``versions``
+    (e.g. ``"triton 3.2"``), commit, date and load, from ``provenance``'s fields."""
+    return " | ".join(
+        [
+            prov["machine"],
+            f"{prov['cores']} cores, {prov['threads']} torch threads",
+            f"torch {prov['torch']}",
+            *versions,
+            f"commit {prov['commit']}",
+            prov["date"],
+            f"load {prov['loadavg']}",
+        ]
+    )
+
+
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",

@@ -17,11 +17,9 @@ the latest table in results/kl_fused_memory.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +30,8 @@ import torch.nn.functional as F
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import DTYPES, RESULTS_DIR, provenance
+from benchmarks.harness import DTYPES, RESULTS_DIR, append_csv, provenance
+from benchmarks.memory import measure_peak_rss, run_workers
 
 # variant -> the logits-path twin its memory is compared with
 VARIANTS = {
@@ -43,14 +42,6 @@ VARIANTS = {
     "ce logits": "ce logits",
     "ce fused": "ce logits",
 }
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _loss_fn(variant: str, args: argparse.Namespace):
@@ -113,11 +104,7 @@ def _loss_fn(variant: str, args: argparse.Namespace):
 def _run_variant(variant: str, args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     step, tail = _loss_fn(variant, args)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
-    base = _status_mib("VmRSS")
-    loss = step()
-    peak = _status_mib("VmHWM") - base
+    loss, peak = measure_peak_rss(step)
     samples = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -160,17 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.worker is not None:
         print(json.dumps(_run_variant(args.worker, args)))
         return []
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:])]
-    rows = []
-    for variant in args.variants.split(","):
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.kl_fused_memory", *passthrough, "--worker", variant],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent.parent,
-        ).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    rows = run_workers("benchmarks.kl_fused_memory", argv, args.variants.split(","))
     by_name = {r["variant"]: r for r in rows}
     for r in rows:
         twin = by_name.get(VARIANTS[r["variant"]])
@@ -205,6 +182,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.md:
         args.md.write_text(table + "\n")
     if args.csv:
+        case = {
+            "batch": b,
+            "seq": t,
+            "hidden": h,
+            "vocab": v,
+            "dtype": args.dtype,
+            "prompt": args.prompt,
+            "head_grad": args.head_grad,
+            "budget": args.budget,
+        }
         fields = [
             "variant",
             "peak_mib",
@@ -215,36 +202,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "ms_vs_twin",
             "loss",
             "tail_mass",
-            "batch",
-            "seq",
-            "hidden",
-            "vocab",
-            "dtype",
-            "prompt",
-            "head_grad",
-            "budget",
+            *case,
             *info,
         ]
-        new = not args.csv.exists()
-        with args.csv.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            if new:
-                writer.writeheader()
-            for r in rows:
-                writer.writerow(
-                    {
-                        **r,
-                        "batch": b,
-                        "seq": t,
-                        "hidden": h,
-                        "vocab": v,
-                        "dtype": args.dtype,
-                        "prompt": args.prompt,
-                        "head_grad": args.head_grad,
-                        "budget": args.budget,
-                        **info,
-                    }
-                )
+        append_csv(args.csv, fields, [{**r, **case, **info} for r in rows])
     return rows
 
 

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import provenance
+from benchmarks.memory import measure_peak_rss, run_workers
 
 MODES = {
     "sft": dict(method="sft"),
@@ -54,14 +54,6 @@ MODES = {
     "full-sft-fused": dict(method="sft", fused_loss=True, full=True),
     "full-safegrad-top64-fused": dict(reference_top_k=64, fused_loss=True, full=True),
 }
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _examples(n: int, seq: int, vocab: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -159,11 +151,7 @@ def _worker(mode: str, args: argparse.Namespace) -> dict:
                 build_s.append(time.perf_counter() - start)
 
         trainer._ensure_reference_store = timed_build
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := current RSS: set-up done
-        base = _status_mib("VmRSS")
-        trainer.train()
-        peak = _status_mib("VmHWM") - base
+        _, peak = measure_peak_rss(trainer.train)  # set-up done
     store = trainer.reference_store
     return {
         "mode": mode,
@@ -191,17 +179,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.worker is not None:
         print(json.dumps(_worker(args.worker, args)))
         return []
-    passthrough = argv if argv is not None else sys.argv[1:]
-    rows = []
-    for mode in args.modes.split(","):
-        out = subprocess.run(
-            [sys.executable, "-m", "benchmarks.trainer_reference", *passthrough, "--worker", mode],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent.parent,
-        ).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+    rows = run_workers("benchmarks.trainer_reference", argv, args.modes.split(","))
     sft = next((r for r in rows if r["mode"] == "sft"), None)
     info = provenance(torch.device("cpu"))
     print(

@@ -58,16 +58,29 @@ def test_bench_step_tiny():
     assert any("surgery share" in v for v in bench_step.verdicts(results))
 
 
-def test_bench_step_variants_use_the_trainer_mechanisms():
+def test_bench_step_variants_use_the_trainer_mechanisms(monkeypatch):
+    import safegrad_kernels.losses
+    from safegrad_kernels.reference_store import ReferenceStore
+
     runner = bench_step.StepRunner("tiny", "safegrad+cache+every=2+ab=1", seed=0)
     assert runner.surgeon.alignment_every == 2
     assert [len(idx) for _, idx in runner.align] == [1] * len(runner.align)
     runner.prefill()
-    assert runner.cache.misses == len(runner.align) and runner.cache.hits == 0
+    # +cache is SafeGradTrainer(cache_reference=True)'s exact store of the alignment set ...
+    assert isinstance(runner.store, ReferenceStore) and runner.store.top_k is None
+    assert len(runner.store) == sum(len(idx) for _, idx in runner.align)
+    reads = []
+    store_get = runner.store.get
+    monkeypatch.setattr(runner.store, "get", lambda *a, **k: reads.append(a) or store_get(*a, **k))
+
+    def no_reference_forward(*a, **k):
+        raise AssertionError("a +cache step ran the reference forward")
+
+    monkeypatch.setattr(safegrad_kernels.losses, "reference_logits", no_reference_forward)
     for _ in range(5):
         runner.step()
     assert runner.alignment_passes == 3  # steps 0, 2, 4
-    assert runner.cache.hits == 3
+    assert len(reads) == 3  # ... read on every alignment pass, never recomputed
     for bad in ("safegrad+every=0", "sft+cache", "spf+cache", "mixed+every=2", "safegrad+fast"):
         with pytest.raises(ValueError):
             bench_step.parse_variant(bad)
