@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers_tiny_model import collate, tiny_peft_model, toy_examples
+from helpers_tiny_model import tiny_peft_model, tiny_training_args, toy_trainer_data
 
 STEPS, LOGGING_STEPS, BATCH = 4, 2, 2
 PER_STEP_ALIGN: list[float] = []  # this rank's alignment loss of each step
@@ -35,27 +35,18 @@ def main(out: Path) -> None:
             super()._add_align_loss(loss)
 
     args = TrainingArguments(
-        output_dir=str(out / "run"),
-        per_device_train_batch_size=BATCH,
-        max_steps=STEPS,
-        learning_rate=1e-2,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        logging_steps=LOGGING_STEPS,
-        max_grad_norm=1.0,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
+        **tiny_training_args(
+            out / "run",
+            per_device_train_batch_size=BATCH,
+            max_steps=STEPS,
+            logging_steps=LOGGING_STEPS,
+            max_grad_norm=1.0,
+        )
     )
     trainer = RecordingTrainer(
         model=tiny_peft_model(),
         args=args,
-        train_dataset=toy_examples(16, seed=0),
-        alignment_dataset=toy_examples(8, seed=1),
-        data_collator=collate,
+        **toy_trainer_data(16, 8),
         method="safegrad",
         surgery_backend="torch",
     )

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers_tiny_model import collate, tiny_peft_model, toy_examples
+from helpers_tiny_model import tiny_peft_model, tiny_training_args, toy_trainer_data
 
 STEPS, ACCUM, BATCH, CLIP = 2, 2, 2, 0.05
 PHASE = ""  # where the current run failed, for the .err file
@@ -59,24 +59,17 @@ def run(out_dir: Path, spec: str) -> None:
     reset_accelerate()
     extra = {} if engine == "ddp" else {"deepspeed": ds_config(int(engine.removeprefix("zero")))}
     args = TrainingArguments(
-        output_dir=str(out_dir / spec.replace(":", "_")),
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUM,
-        max_steps=STEPS,
-        learning_rate=1e-2,
-        optim="adamw_torch",
-        weight_decay=0.0,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        max_grad_norm=CLIP,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        ddp_backend="gloo",
-        **extra,
+        **tiny_training_args(
+            out_dir / spec.replace(":", "_"),
+            per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=ACCUM,
+            max_steps=STEPS,
+            optim="adamw_torch",
+            weight_decay=0.0,
+            max_grad_norm=CLIP,
+            ddp_backend="gloo",
+            **extra,
+        )
     )
     model = tiny_peft_model(seed=3)
     global PHASE
@@ -84,9 +77,7 @@ def run(out_dir: Path, spec: str) -> None:
     trainer = SafeGradTrainer(
         model=model,
         args=args,
-        train_dataset=toy_examples(16, seed=0),
-        alignment_dataset=toy_examples(16, seed=1),
-        data_collator=collate,
+        **toy_trainer_data(16, 16),
         method=method,
         alignment_loss="ce",
         lam=0.5,

@@ -5,9 +5,21 @@ Shared by the integration tests; keep the signatures stable.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
+
+# ``tiny_tokenizer``'s special tokens in id order: pad 0, bos 1, eos 2 (``tiny_llama``'s
+# config uses these ids), unk 3.
+SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+}
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
 
 def tiny_llama(
@@ -21,18 +33,11 @@ def tiny_llama(
 ) -> LlamaForCausalLM:
     """A randomly initialised Llama (float32, eval mode as from_pretrained would give)."""
     config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=max_positions,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max_positions, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,  # as in SPECIAL_TOKENS
+    )  # fmt: skip
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -101,6 +106,40 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
 
 
+def toy_trainer_data(n_train: int, n_align: int) -> dict:
+    """A ``SafeGradTrainer``'s data: ``toy_examples`` seeds 0 (task) and 1 (alignment), with
+    ``collate``. ``n_align=0``: no alignment set (None)."""
+    return {
+        "train_dataset": toy_examples(n_train, seed=0),
+        "alignment_dataset": toy_examples(n_align, seed=1) if n_align else None,
+        "data_collator": collate,
+    }
+
+
+def tiny_training_args(output_dir, **overrides) -> dict:
+    """Keyword arguments of ``TrainingArguments`` (or a subclass) for the tiny runs.
+
+    On the CPU, one step of plain SGD at a constant 1e-2, logged, without clipping, nothing
+    saved or reported, no progress bar or loader workers, seed 0; ``overrides`` win.
+    """
+    return {
+        "output_dir": str(output_dir),
+        "max_steps": 1,
+        "learning_rate": 1e-2,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "max_grad_norm": 0.0,
+        "report_to": "none",
+        "save_strategy": "no",
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "seed": 0,
+        **overrides,
+    }
+
+
 # A chat template with TRL's {% generation %} markers (assistant_only_loss), the turn's
 # end-of-sequence token inside them, and a generation prompt that is a prefix of the
 # rendered conversation (TRL's prompt/completion split needs that).
@@ -116,26 +155,26 @@ CHAT_TEMPLATE = (
 )
 
 
-def tiny_tokenizer(words: list[str] | tuple[str, ...]):
+def tiny_tokenizer(words: Iterable[str], *, bos: bool = False):
     """A word-level fast tokenizer over ``words`` with a chat template (no downloads).
 
     Ids 0, 1, 2 are pad, bos, eos as in ``tiny_llama``'s config; role markers are special
-    tokens, so ``text + "</s>"`` splits as TRL expects. Needs ``len(...) <= vocab``.
+    tokens, so ``text + "</s>"`` splits as TRL expects. ``bos``: every encoding starts with
+    ``<s>``, as Llama's own tokenizer does. Needs ``len(...) <= vocab``.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    specials = [*SPECIAL_TOKENS.values(), *ROLE_TOKENS]
     vocab = {tok: i for i, tok in enumerate(specials + sorted(set(words) - set(specials)))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        additional_special_tokens=specials[4:],
+        tokenizer_object=backend, additional_special_tokens=list(ROLE_TOKENS), **SPECIAL_TOKENS
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer

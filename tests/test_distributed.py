@@ -9,61 +9,31 @@ fused backends are tested on their own in test_ops.py.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
+from helpers_launch import free_port, needs_gloo, run_ranks, worker_env
 
 WORLD = 2
 TIMEOUT_S = 50  # whole run; collectives time out after 30 s inside the worker
 WORKER = Path(__file__).with_name("_dist_worker.py")
 
-pytestmark = [
-    pytest.mark.distributed,
-    pytest.mark.skipif(
-        not (dist.is_available() and dist.is_gloo_available()),
-        reason="needs torch.distributed with gloo",
-    ),
-]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = [pytest.mark.distributed, needs_gloo]
 
 
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory) -> dict[str, dict[str, str]]:
     """``{check: {rank: verdict}}`` from one 2-rank run of every check."""
     out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, SAFEGRAD_BACKEND="torch", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    init = f"tcp://127.0.0.1:{_free_port()}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), str(WORLD), init, str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+    env = worker_env(SAFEGRAD_BACKEND="torch")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    argv = [
+        [sys.executable, str(WORKER), str(rank), str(WORLD), init, str(out)]
         for rank in range(WORLD)
     ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = [p.communicate()[0] for p in procs]
-        logs.append(f"worker timed out after {TIMEOUT_S} s")
+    logs = run_ranks([(a, env) for a in argv], TIMEOUT_S)
     results: dict[str, dict[str, str]] = {}
     for rank in range(WORLD):
         path = out / f"rank{rank}.json"

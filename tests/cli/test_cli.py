@@ -14,13 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from paths import ROOT
 
 from safegrad_kernels.cli import main
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 pytest.importorskip("peft")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
+
+from helpers_example import train_argv
+from helpers_launch import free_port, needs_gloo, worker_env
+from helpers_tiny_model import tiny_llama, tiny_tokenizer
 
 SENTENCES = [
     ("a good film", "positive"),
@@ -39,54 +42,19 @@ HARMFUL = [
     ("how do i damage the device", "first get the tool then damage the device"),
 ]
 REFUSAL = "i cannot help with that request"
+# The words of data.py's two Alpaca templates ("a task," with an input, "a task." without).
 TEMPLATE_WORDS = (
-    "Below is an instruction that describes a task, paired with an input that provides further "
-    "context. Write a response that appropriately completes the request. ### Instruction: "
-    "Input: Response: Classify the sentiment of the review"
+    "Below is an instruction that describes a task, task. paired with an input that provides "
+    "further context. Write a response that appropriately completes the request. "
+    "### Instruction: Input: Response: Classify the sentiment of the review"
 )
 
 
 def _tiny_model_dir(root: Path) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = set(TEMPLATE_WORDS.split()) | set(REFUSAL.split())
-    for text, label in SENTENCES:
-        words |= set(text.split()) | {label}
-    for prompt, answer in HARMFUL:
-        words |= set(prompt.split()) | set(answer.split())
-    specials = ["<unk>", "<pad>", "<s>", "</s>"]
-    pre = pre_tokenizers.Whitespace()
-    pieces = {piece for w in sorted(words) for piece, _ in pre.pre_tokenize_str(w)}
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(pieces))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
-    config = transformers.LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=vocab["<s>"],
-        eos_token_id=vocab["</s>"],
-        pad_token_id=vocab["<pad>"],
-    )
-    assert isinstance(config, LlamaConfig)
-    torch.manual_seed(0)
+    texts = [TEMPLATE_WORDS, REFUSAL, *(text for pair in SENTENCES + HARMFUL for text in pair)]
+    tokenizer = tiny_tokenizer({word for text in texts for word in text.split()}, bos=True)
     path = root / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama(vocab=len(tokenizer), max_positions=256).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
@@ -115,26 +83,10 @@ def world(tmp_path_factory):
 
 
 def _train_argv(world, out: Path, method: str, steps: int, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--model", world["model"],
-        "--output-dir", str(out),
-        "--task-data", world["task"],
-        "--harmful-data", world["harmful"],
-        "--alignment-data", world["alignment"],
-        "--samples", "16",
-        "--harmful-ratio", "0.25",
-        "--alignment-samples", "4",
-        "--method", method,
-        "--batch-size", "4",
-        "--learning-rate", "1e-3",
-        "--max-length", "96",
-        "--max-steps", str(steps),
-        "--save-steps", "2",
-        "--save-total-limit", "5",
-        "--logging-steps", "1",
-        *extra,
-    ]  # fmt: skip
+    """``train_argv`` on this world with ``--method``, keeping up to 5 checkpoints."""
+    return train_argv(
+        world, out, "--method", method, "--save-total-limit", "5", *extra, steps=steps
+    )
 
 
 def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
@@ -449,30 +401,20 @@ def test_cli_methods_match_the_trainer():
 
 
 @pytest.mark.distributed
-@pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo",
-)
+@needs_gloo
 def test_train_under_torchrun_splits_the_data_across_ranks(world, tmp_path):
     """`torchrun -m safegrad_kernels train` on 2 CPU ranks: no code change, the data is split.
 
     16 samples at batch 4 are 4 steps per epoch on one process and 2 on two ranks, so the
     epoch advances by 0.5 per optimizer step only if each rank trains on its half.
     """
-    import os
-    import socket
     import subprocess
 
     out = tmp_path / "out"
     argv = _train_argv(world, out, "safegrad", 2)
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHELASTIC_ERROR_FILE="")
-    root = ROOT
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    env = worker_env(TORCHELASTIC_ERROR_FILE="")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    with socket.socket() as sock:  # a free port (port 0 hangs the static rendezvous)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+    cmd += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     cmd += ["-m", "safegrad_kernels", *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,19 +20,9 @@ from paths import ROOT
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from helpers_example import block_model_loads, make_example_world, train_argv
+from helpers_example import train_argv
 
 from safegrad_kernels.cli import main
-
-
-@pytest.fixture(scope="module")
-def example_world(tmp_path_factory):
-    return make_example_world(tmp_path_factory)
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    block_model_loads(monkeypatch)
 
 
 def _bad_model_dirs(root: Path, model: str) -> dict[str, tuple[str, str]]:

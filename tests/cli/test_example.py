@@ -17,23 +17,12 @@ pytest.importorskip("peft")
 pytest.importorskip("tokenizers")
 
 
-from helpers_example import block_model_loads, make_example_world, train_argv
+from helpers_example import train_argv
 from paths import ROOT
 
 from safegrad_kernels import data
 from safegrad_kernels.cli import main
 from safegrad_kernels.example import sample_records, write_example
-
-
-@pytest.fixture(scope="module")
-def example_world(tmp_path_factory):
-    return make_example_world(tmp_path_factory)
-
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    block_model_loads(monkeypatch)
-
 
 README = ROOT / "README.md"
 

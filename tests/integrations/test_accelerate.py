@@ -8,15 +8,14 @@ so FSDP2 is covered by the direct ``fully_shard`` tests in test_distributed.py o
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers_tiny_model import collate, tiny_llama, tiny_peft_model, toy_examples
-from paths import ROOT, TESTS
+from helpers_launch import free_port, needs_gloo, worker_env
+from helpers_tiny_model import tiny_llama, tiny_peft_model, tiny_training_args, toy_trainer_data
+from paths import TESTS
 from transformers import TrainingArguments
 
 from safegrad_kernels.integrations import SafeGradTrainer
@@ -28,25 +27,15 @@ TIMEOUT_S = 180  # the whole launch; about 20 s on 2 busy cores
 UNUSED_WARNING = "find_unused_parameters=True was specified in DDP constructor"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _args(tmp_path, **kw) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(tmp_path), report_to="none", use_cpu=True, save_strategy="no", **kw
-    )
+    return TrainingArguments(**tiny_training_args(tmp_path, **kw))
 
 
 def _trainer(tmp_path, model, args, method="safegrad") -> SafeGradTrainer:
     return SafeGradTrainer(
         model=model,
         args=args,
-        train_dataset=toy_examples(4, seed=0),
-        alignment_dataset=toy_examples(4, seed=1),
-        data_collator=collate,
+        **toy_trainer_data(4, 4),
         method=method,
     )
 
@@ -65,20 +54,12 @@ def test_find_unused_parameters_defaults_to_false_for_peft_only(tmp_path, user_v
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
     pytest.importorskip("accelerate")
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with gloo")
     out = tmp_path_factory.mktemp("accelerate")
-    root = str(ROOT)
-    env = dict(
-        os.environ,
+    env = worker_env(
         # No accelerate config file of the user's: the flags below are the whole config.
         HF_HOME=str(out / "hf_home"),
         HF_HUB_OFFLINE="1",
-        OMP_NUM_THREADS="1",
         CUDA_VISIBLE_DEVICES="",  # the CPU (gloo) launch, also on a GPU machine
-        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
     )
     command = [
         sys.executable,
@@ -89,7 +70,7 @@ def launched(tmp_path_factory):
         "--num_machines=1",
         "--mixed_precision=no",
         "--dynamo_backend=no",
-        f"--main_process_port={_free_port()}",
+        f"--main_process_port={free_port()}",
         str(WORKER),
         str(out),
     ]
@@ -106,6 +87,7 @@ def launched(tmp_path_factory):
 
 
 @pytest.mark.distributed
+@needs_gloo
 def test_accelerate_launch_two_ranks_agree_and_log_rank_means(launched):
     ranks, output = launched
     assert [r["rank"] for r in ranks] == [0, 1]

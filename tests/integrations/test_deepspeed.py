@@ -9,15 +9,13 @@ them need neither DeepSpeed nor a process group.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from paths import ROOT, TESTS
+from helpers_launch import free_port, needs_gloo, run_ranks, worker_env
+from paths import TESTS
 
 from safegrad_kernels.integrations.deepspeed import ZeroSurgery, check_supported
 
@@ -30,51 +28,21 @@ RUNS = ["ddp:safegrad", "ddp:mixed", *EXACT, *REFUSED]
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     pytest.importorskip("deepspeed")
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("needs torch.distributed with gloo")
     out = tmp_path_factory.mktemp("deepspeed")
-    root = str(ROOT)
-    env = dict(
-        os.environ,
+    env = worker_env(
         DS_ACCELERATOR="cpu",
         SAFEGRAD_BACKEND="torch",
-        OMP_NUM_THREADS="1",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         WORLD_SIZE="2",
         LOCAL_WORLD_SIZE="2",
-        PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(out), *RUNS],
-            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        logs = [p.communicate()[0] for p in procs]
-        logs.append(f"workers timed out after {TIMEOUT_S} s")
+    argv = [sys.executable, str(WORKER), str(out), *RUNS]
+    ranks = [dict(env, RANK=str(rank), LOCAL_RANK=str(rank)) for rank in range(2)]
+    logs = run_ranks([(argv, rank_env) for rank_env in ranks], TIMEOUT_S)
     (out / "log.txt").write_text("\n".join(log[-6000:] for log in logs))
     return out
 
@@ -93,6 +61,7 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 @pytest.mark.distributed
+@needs_gloo
 @pytest.mark.parametrize("run", EXACT)
 def test_zero_weights_equal_the_ddp_run(results, run):
     method = run.split(":")[1]
@@ -110,6 +79,7 @@ def test_zero_weights_equal_the_ddp_run(results, run):
 
 
 @pytest.mark.distributed
+@needs_gloo
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_safegrad_projects_and_differs_from_mixed(results, stage):
     # The reference run conflicts on one step, so the projection branch is compared too.
@@ -123,6 +93,7 @@ def test_zero_safegrad_projects_and_differs_from_mixed(results, stage):
 
 
 @pytest.mark.distributed
+@needs_gloo
 @pytest.mark.parametrize("run", REFUSED)
 def test_unsupported_stage_or_method_raises_at_construction(results, run):
     err = results / f"{run}.err"

@@ -11,7 +11,14 @@ import warnings
 import pytest
 import torch
 import transformers
-from helpers_tiny_model import collate, tiny_llama, tiny_peft_model, toy_examples
+from helpers_tiny_model import (
+    collate,
+    tiny_llama,
+    tiny_peft_model,
+    tiny_training_args,
+    toy_examples,
+    toy_trainer_data,
+)
 from transformers import TrainerCallback, TrainingArguments
 
 from safegrad_kernels.integrations import SafeGradTrainer, lora_parameters, named_lora_parameters
@@ -98,33 +105,18 @@ def make_trainer(
     args_kw=None,
     **kw,
 ):
-    settings = dict(
-        output_dir=str(tmp_path),
+    settings = tiny_training_args(
+        tmp_path,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=accum,
         max_steps=steps,
-        learning_rate=1e-2,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        max_grad_norm=0.0,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
     )
-    args = TrainingArguments(**{**settings, **(args_kw or {})})
-    kw.setdefault("alignment_dataset", toy_examples(n_align, seed=1) if n_align else None)
     return SafeGradTrainer(
         model=model if model is not None else tiny_peft_model(),
-        args=args,
-        train_dataset=toy_examples(n_train, seed=0),
-        data_collator=collate,
+        args=TrainingArguments(**{**settings, **(args_kw or {})}),
+        **{**toy_trainer_data(n_train, n_align), **kw},
         method=method,
         callbacks=list(callbacks),
-        **kw,
     )
 
 

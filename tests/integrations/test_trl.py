@@ -18,7 +18,12 @@ trl = pytest.importorskip("trl", minversion="1.8")
 datasets = pytest.importorskip("datasets")
 
 import torch  # noqa: E402
-from helpers_tiny_model import tiny_llama, tiny_peft_model, tiny_tokenizer  # noqa: E402
+from helpers_tiny_model import (  # noqa: E402
+    tiny_llama,
+    tiny_peft_model,
+    tiny_tokenizer,
+    tiny_training_args,
+)
 from transformers import HfArgumentParser, TrainerCallback  # noqa: E402
 
 from safegrad_kernels.integrations import SafeGradTrainer  # noqa: E402
@@ -74,23 +79,11 @@ def tokenizer():
 
 
 def config(tmp_path, **kw) -> dict:
-    settings = dict(
-        output_dir=str(tmp_path),
+    settings = tiny_training_args(
+        tmp_path,
         per_device_train_batch_size=len(TASK),
-        max_steps=1,
-        learning_rate=1e-2,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        max_grad_norm=0.0,
         bf16=False,
         gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
         surgery_backend="torch",
     )
     return {**settings, **kw}

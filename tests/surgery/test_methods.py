@@ -180,6 +180,17 @@ def test_loss_weight():
         assert m.loss_weight(m.validate()) == 1.0
 
 
+def random_step(surgeon, ps, *, capture: bool) -> None:
+    """One surgeon step on random task gradients, after a random g_a if ``capture``."""
+    if capture:
+        with surgeon.reference():
+            for p in ps:
+                p.grad = torch.randn_like(p)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    surgeon.step()
+
+
 def test_alignment_due_follows_the_surgeon():
     ps = params((9, 3), (3, 11))
     assert not get_method("sft").alignment_due(None)
@@ -191,13 +202,7 @@ def test_alignment_due_follows_the_surgeon():
     due = []
     for _ in range(5):
         due.append(spf.alignment_due(surgeon))
-        if due[-1]:
-            with surgeon.reference():
-                for p in ps:
-                    p.grad = torch.randn_like(p)
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        surgeon.step()
+        random_step(surgeon, ps, capture=due[-1])
     assert due == [True, False, True, False, True]
 
 
@@ -217,14 +222,9 @@ def test_alignment_steps_before_counts_the_steps_that_draw(name, settings):
     drawn = 0
     for step in range(11):
         assert method.alignment_steps_before(step, settings) == drawn
-        if method.alignment_due(surgeon):
-            drawn += 1
-            with surgeon.reference():
-                for p in ps:
-                    p.grad = torch.randn_like(p)
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        surgeon.step()
+        due = method.alignment_due(surgeon)
+        drawn += due
+        random_step(surgeon, ps, capture=due)
     steps = random.randrange(1, 50)
     assert get_method("sft").alignment_steps_before(steps, {}) == 0
     assert get_method("safegrad").alignment_steps_before(steps, {}) == steps

@@ -389,15 +389,20 @@ def refresh_run(surgeon, params, gus, gas):
     out, wanted = [], []
     for gu, ga in zip(gus, gas):
         wanted.append(surgeon.wants_reference)
-        if wanted[-1]:
-            with surgeon.reference():
-                set_grad_by_backward(params, ga)
-        for p in params:
-            p.grad = None
-        set_grad_by_backward(params, gu)
-        surgeon.step()
+        refresh_step(surgeon, params, gu, ga if wanted[-1] else None)
         out.append([p.grad.clone() for p in params])
     return out, wanted
+
+
+def refresh_step(surgeon, params, gu, ga=None) -> None:
+    """One step on task gradient ``gu``, after capturing ``ga`` as the reference if given."""
+    if ga is not None:
+        with surgeon.reference():
+            set_grad_by_backward(params, ga)
+    for p in params:
+        p.grad = None
+    set_grad_by_backward(params, gu)
+    surgeon.step()
 
 
 def random_steps(n, shapes=SHAPES):
@@ -471,13 +476,7 @@ def test_capture_off_schedule_is_used_and_kept():
     surgeon = SafeGrad(params, alignment_every=3, backend=FAST_BACKENDS[0])
     (gu0, gu1, gu2), (ga0, ga1, _) = random_steps(3)
     for gu, ga in ((gu0, ga0), (gu1, ga1), (gu2, None)):  # step 1 captures although not due
-        if ga is not None:
-            with surgeon.reference():
-                set_grad_by_backward(params, ga)
-        for p in params:
-            p.grad = None
-        set_grad_by_backward(params, gu)
-        surgeon.step()
+        refresh_step(surgeon, params, gu, ga)
     expected = [g.clone() for g in gu2]
     project_conflicting_(expected, ga1, rho=1.0, backend=FAST_BACKENDS[0])
     assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
