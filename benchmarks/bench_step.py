@@ -37,9 +37,9 @@ step, i.e. ``cache_reference=False``; settings ``SETTINGS``), plus the benchmark
               ``torch.cat``, a host ``if dot < 0``, and ``p.grad = g_u - s g_a + rho g_a``.
 
 Variants (``--methods`` takes them beside the plain names): ``METHOD[+cache][+every=K]
-[+ab=N]`` runs a registry method with a SafeGradTrainer option, through the mechanism the
-trainer uses for it, in this benchmark's own loop (``StepRunner``, not the HF Trainer,
-whose loop overhead is the same with or without a defense):
+[+ab=N][+fused]`` runs a registry method with SafeGradTrainer options, through the
+mechanisms the trainer uses for them, in this benchmark's own loop (``StepRunner``, not the
+HF Trainer, whose loop overhead is the same with or without a defense):
 
 ``+cache``    ``cache_reference=True``: the exact fp32 ``ReferenceStore`` of the whole
               alignment set, built by ``integrations.reference.build_reference_store``
@@ -52,15 +52,27 @@ whose loop overhead is the same with or without a defense):
               alignment batches advance only on refresh steps.
 ``+ab=N``     ``alignment_batch_size=N``: the alignment pool (4 task batches' worth of
               examples) cut into batches of N.
+``+fused``    ``fused_loss=True``: the task cross-entropy and the alignment loss from the
+              LM head's input and weight, chunk by chunk (``fused_losses``), never the
+              ``[tokens, vocab]`` logits; hidden states from ``integrations.fused_head``
+              (the head's input, only one position let through the head), the KL's
+              reference from the store with ``+cache``, else from the adapter-disabled
+              hidden states; rows as the trainer picks them. Any registry method, ``sft``
+              included (``SafeGradTrainer(method="sft", fused_loss=True)`` computes its
+              task loss fused); a model ``fused_head`` refuses is an error here (the
+              trainer would fall back to the logits path).
 
 ``--cost-study`` runs, per config, sft and SafeGrad live / cached / ``every=4`` / cached
-``every=4`` / alignment batch = half and a quarter of the task batch. With ``K > 1``
+``every=4``, then sft, SafeGrad live, cached and cached ``every=4`` with ``+fused``, then
+SafeGrad with alignment batch = half and a quarter of the task batch. With ``K > 1``
 among the variants, warm-up and timed steps are rounded up to whole periods (the lcm of
 the K's), so means cover whole refresh cycles. Ratios "x sft" are medians over periods
 of (variant time / sft time) in the same rounds, which run round-robin in a rotated
 order, so a neighbour's load burst hits both sides of a ratio alike; memory ratios use
-the training memory (peak - base). ``ISSUE13_TARGETS`` holds issue 13's targets; each is
-printed with its ratio and a verdict when its variant and sft were both measured.
+the training memory (peak - base), against sft on the logits path (also for ``+fused``:
+issue 13 sets the fused targets against plain SFT). ``ISSUE13_TARGETS`` holds issue 13's
+targets; each is printed with its ratio and a verdict when its variant and sft were both
+measured.
 
 Phases are timed with ``time.perf_counter`` (CPU: every op is synchronous).
 """
@@ -70,6 +82,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import fnmatch
 import json
 import math
 import os
@@ -80,6 +93,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +114,9 @@ from benchmarks.memory import MALLOC_RSS_FOLLOWS_LIVE_BYTES, proc_status_mib, ru
 from safegrad_kernels.demo.train import METHODS as LIBRARY_METHODS
 from safegrad_kernels.losses import model_inputs, response_ce
 from safegrad_kernels.surgery import get_method
+
+if TYPE_CHECKING:
+    from safegrad_kernels.fused_losses import ReferenceLogProbs
 
 # The benchmark-only reimplementation of the authors' step, beside the registry's methods.
 AUTHORS = "authors"
@@ -203,12 +220,14 @@ CONFIGS: dict[str, tuple[dict, int, int]] = {
 # LoRA targets where a config does not use all linear layers (TARGETS).
 CONFIG_LORA_TARGETS = {"vocab128k": ("q_proj", "v_proj")}
 
-# Issue 13's targets: (config, variant, "time" | "memory", at most this many x sft).
-# "safegrad*" means every SafeGrad variant measured.
+# Issue 13's targets: (config, variant, "time" | "memory", at most this many x sft, the
+# logits path). A variant with "*" is a pattern (fnmatch) over the variants measured:
+# "safegrad*" every SafeGrad variant, "safegrad*+fused" every one with fused_loss=True.
 ISSUE13_TARGETS: tuple[tuple[str, str, str, float], ...] = (
     ("cpu-large", "safegrad+cache+every=4", "time", 1.35),
     ("cpu-large", "safegrad+cache", "time", 2.0),
     ("vocab128k", "safegrad*", "memory", 1.1),
+    ("vocab128k", "safegrad*+fused", "memory", 0.4),
 )
 
 
@@ -220,6 +239,7 @@ class Variant:
     cache: bool = False
     alignment_every: int = 1
     alignment_batch: int | None = None  # None: the task batch size
+    fused: bool = False
 
     @property
     def label(self) -> str:
@@ -230,25 +250,29 @@ class Variant:
             parts.append(f"every={self.alignment_every}")
         if self.alignment_batch is not None:
             parts.append(f"ab={self.alignment_batch}")
+        if self.fused:
+            parts.append("fused")
         return "+".join(parts)
 
 
 def parse_variant(text: str) -> Variant:
-    """``METHOD[+cache][+every=K][+ab=N]`` (see the module docstring)."""
+    """``METHOD[+cache][+every=K][+ab=N][+fused]`` (see the module docstring)."""
     method, *options = text.split("+")
     if method not in METHODS:
         raise ValueError(f"{text!r}: method must be one of {METHODS}")
     kw: dict = {}
     for opt in options:
-        if opt == "cache":
-            kw["cache"] = True
+        if opt in ("cache", "fused"):
+            kw[opt] = True
         elif m := re.fullmatch(r"(every|ab)=([1-9][0-9]*)", opt):
             kw["alignment_every" if m[1] == "every" else "alignment_batch"] = int(m[2])
         else:
-            raise ValueError(f"{text!r}: unknown option {opt!r} (cache, every=K, ab=N)")
+            raise ValueError(f"{text!r}: unknown option {opt!r} (cache, every=K, ab=N, fused)")
     variant = Variant(method, **kw)
     spec = None if method == AUTHORS else get_method(method)
-    if options and (spec is None or not spec.needs_alignment):
+    if variant.fused and spec is None:
+        raise ValueError(f"{text!r}: fused_loss is a SafeGradTrainer option; {AUTHORS} is not")
+    if set(options) - {"fused"} and (spec is None or not spec.needs_alignment):
         raise ValueError(f"{text!r}: {method} has no alignment pass to change")
     if variant.cache and spec.alignment_loss != "kl":
         raise ValueError(f"{text!r}: the reference store holds the KL's reference")
@@ -268,6 +292,10 @@ def cost_study(config: str) -> list[str]:
         "safegrad+cache",
         "safegrad+every=4",
         "safegrad+cache+every=4",
+        "sft+fused",
+        "safegrad+fused",
+        "safegrad+cache+fused",
+        "safegrad+cache+every=4+fused",
         *[f"safegrad+ab={n}" for n in smaller],
     ]
 
@@ -320,6 +348,17 @@ class StepRunner:
             for name, p in self.model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0.0, 0.02)
+        if variant.fused:
+            # Imported here, before the memory worker reads its base RSS: the trainer
+            # module brings transformers.Trainer and accelerate, 87 MiB that the first step
+            # counted as training memory (tiny: 97 MiB above set-up vs sft's 10).
+            from safegrad_kernels.integrations.fused_head import fused_head_unsupported
+            from safegrad_kernels.integrations.trainer import SafeGradTrainer  # noqa: F401
+
+            # SafeGradTrainer would fall back to the logits path: not what +fused measures.
+            why = fused_head_unsupported(self.model)
+            if why is not None:
+                raise ValueError(f"{self.method}: the fused losses cannot run: {why}")
         # On CUDA: the model on the GPU, forwards under bf16 autocast (as the trainer's
         # bf16=True), and a synchronisation at every phase boundary so phases are GPU time.
         self.device = torch.device(device)
@@ -372,10 +411,88 @@ class StepRunner:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def _head(self, batch: dict[str, torch.Tensor], reference: bool = False) -> tuple:
+        """``(hidden, weight, bias)`` of the model on ``batch``, as SafeGradTrainer's fused
+        losses get them; ``reference=True``: adapters disabled, eval mode, no autograd."""
+        from safegrad_kernels.integrations.fused_head import (
+            hidden_states_and_head,
+            reference_hidden_states,
+        )
+
+        get = reference_hidden_states if reference else hidden_states_and_head
+        head = get(self.model, batch)
+        if head is None:  # the trainer would take the logits path (reason logged)
+            raise RuntimeError(f"{self.method}: fused_head refused the model")
+        return head
+
+    def task_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The task cross-entropy, the micro-batch mean: from the logits, or for ``+fused``
+        as ``SafeGradTrainer.compute_loss`` computes it with ``fused_loss=True``."""
+        labels = batch["labels"]
+        if not self.variant.fused:
+            return response_ce(self.model(**model_inputs(batch)).logits, labels)
+        from safegrad_kernels.fused_losses import fused_linear_cross_entropy
+        from safegrad_kernels.integrations.trainer import SafeGradTrainer
+
+        hidden, weight, bias = self._head(batch)
+        rows = SafeGradTrainer._fused_rows(labels, None, "response")
+        return fused_linear_cross_entropy(hidden, weight, labels, bias=bias, rows=rows)
+
+    def alignment_reference(self, which: int) -> torch.Tensor | ReferenceLogProbs | None:
+        """The KL's reference for alignment batch ``which``, as
+        ``SafeGradTrainer._kl_alignment_loss`` gets it: the store's rows (``+cache``), else
+        the adapter-disabled hidden states (``+fused``) or logits; None for a CE."""
+        from safegrad_kernels.losses import reference_logits
+
+        batch, indices = self.align[which]
+        labels = batch["labels"]
+        if self.spec.alignment_loss != "kl":
+            return None
+        if self.store is not None:
+            host = self.align_host_labels[which]
+            return self.store.get(
+                indices, labels=host, seq_len=labels.shape[1], device=labels.device
+            )
+        if self.variant.fused:
+            return self._head(batch, reference=True)[0]
+        return reference_logits(self.model, batch)
+
+    def alignment_loss(
+        self, which: int, reference: torch.Tensor | ReferenceLogProbs | None
+    ) -> torch.Tensor:
+        """The alignment loss of batch ``which`` against ``alignment_reference(which)``,
+        the batch mean, on the logits path or (``+fused``) the trainer's fused one."""
+        from safegrad_kernels.fused_losses import (
+            fused_linear_cross_entropy,
+            fused_linear_kl,
+            kl_from_reference,
+        )
+        from safegrad_kernels.losses import kl_alignment_loss
+
+        batch, _ = self.align[which]
+        labels = batch["labels"]
+        kl = self.spec.alignment_loss == "kl"
+        if not self.variant.fused:
+            logits = self.model(**model_inputs(batch)).logits
+            if not kl:
+                return response_ce(logits, labels)
+            if self.store is not None:
+                return kl_from_reference(logits, reference, labels)
+            return kl_alignment_loss(logits, reference, labels)
+        from safegrad_kernels.integrations.trainer import SafeGradTrainer
+
+        hidden, weight, bias = self._head(batch)
+        if kl and self.store is not None:  # the stored reference carries its rows
+            return fused_linear_kl(hidden, weight, labels, reference, bias=bias)
+        rows = SafeGradTrainer._fused_rows(labels, self.align_host_labels[which], "response")
+        if not kl:
+            return fused_linear_cross_entropy(hidden, weight, labels, bias=bias, rows=rows)
+        return fused_linear_kl(hidden, weight, labels, reference, bias=bias, rows=rows)
+
     def _task_pass(self, batch: dict[str, torch.Tensor], ph: dict[str, float]) -> None:
         """The task cross-entropy forward and backward, timed into ``ph``."""
         s0 = self._clock()
-        loss = response_ce(self.model(**model_inputs(batch)).logits, batch["labels"])
+        loss = self.task_loss(batch)
         ph["task_fwd"] = self._clock() - s0
         s0 = self._clock()
         loss.backward()
@@ -388,14 +505,11 @@ class StepRunner:
             return self._step()
 
     def _step(self) -> tuple[dict[str, float], float]:
-        from safegrad_kernels.fused_losses import kl_from_reference
-        from safegrad_kernels.losses import kl_alignment_loss, reference_logits
-
         model, params, opt, surgeon = self.model, self.params, self.opt, self.surgeon
         ub = self.user[self.n % 4]
         # The next alignment batch in the cycle; it advances only on steps that use one.
         which = self.alignment_passes % len(self.align)
-        ab, ab_indices = self.align[which]
+        ab, _ = self.align[which]
         self.n += 1
         ph = dict.fromkeys(PHASES, 0.0)
         t = self._clock
@@ -440,29 +554,13 @@ class StepRunner:
         else:
             if spec.alignment_due(surgeon):
                 self.alignment_passes += 1
-                kl = spec.alignment_loss == "kl"
-                labels = ab["labels"]
                 s0 = t()
-                if not kl:
-                    ref = None
-                elif self.store is not None:  # as SafeGradTrainer._kl_alignment_loss
-                    host = self.align_host_labels[which]
-                    ref = self.store.get(
-                        ab_indices, labels=host, seq_len=labels.shape[1], device=labels.device
-                    )
-                else:
-                    ref = reference_logits(model, ab)
+                ref = self.alignment_reference(which)
                 ph["ref_fwd"] = t() - s0
                 ctx = surgeon.reference() if surgeon is not None else contextlib.nullcontext()
                 with ctx:
                     s0 = t()
-                    logits = model(**model_inputs(ab)).logits
-                    if not kl:
-                        loss_a = response_ce(logits, labels)
-                    elif self.store is not None:
-                        loss_a = kl_from_reference(logits, ref, labels)
-                    else:
-                        loss_a = kl_alignment_loss(logits, ref, labels)
+                    loss_a = self.alignment_loss(which, ref)
                     weight = spec.loss_weight(self.settings)
                     if weight != 1.0:
                         loss_a = loss_a * weight
@@ -471,10 +569,11 @@ class StepRunner:
                     loss_a.backward()
                     ph["align_bwd"] = t() - s0
                 # A trainer's alignment loss function returns and drops these before the
-                # task pass; held here they added two [tokens, vocab] tensors to the
-                # peak: SafeGrad's training memory on vocab128k was 1284 MiB, 846 without
-                # (SFT: 781), 2026-12-01.
-                del ref, logits, loss_a
+                # task pass; held here, the reference and the logits (now local to
+                # alignment_loss) added two [tokens, vocab] tensors to the peak: SafeGrad's
+                # training memory on vocab128k was 1284 MiB, 846 without (SFT: 781),
+                # 2026-12-01.
+                del ref, loss_a
             self._task_pass(ub, ph)
             if surgeon is not None:
                 s0 = t()
@@ -659,9 +758,7 @@ def target_verdicts(
     for cfg, variant, metric, limit in targets:
         if cfg != config:
             continue
-        names = (
-            [m for m in by if m.startswith(variant[:-1])] if variant.endswith("*") else [variant]
-        )
+        names = [m for m in by if fnmatch.fnmatchcase(m, variant)] if "*" in variant else [variant]
         for name in names:
             r = by.get(name)
             what = f"{name} {'step time' if metric == 'time' else 'training memory'}"
@@ -733,7 +830,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "--cost-study",
         action="store_true",
         help="issue 13's variants per config (sft, safegrad live/cache/every=4/cache+every=4, "
-        "alignment batch 1/2 and 1/4 of the task batch) instead of --methods",
+        "sft and safegrad live/cache/cache+every=4 with +fused, alignment batch 1/2 and 1/4 "
+        "of the task batch) instead of --methods",
     )
     p.add_argument("--tiny", action="store_true", help="tiny config, 2 steps (smoke test)")
     p.add_argument("--mem-steps", type=int, default=3, help="steps run in each memory subprocess")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -114,6 +115,73 @@ def test_bench_step_ratios_and_target_verdicts():
     assert "1.10x sft" in said[2] and said[2].endswith(": MET")
     assert "3.00x sft" in said[3] and said[3].endswith(": NOT MET")
     assert said[4].endswith("not measured in this run")
+
+
+@pytest.mark.parametrize("logits_path", ["safegrad", "safegrad+cache", "spf", "sft"])
+def test_bench_step_fused_losses_equal_the_logits_paths(logits_path):
+    # +fused is SafeGradTrainer(fused_loss=True)'s path: same losses and task gradient as
+    # the logits path on the same model and batches (KL, stored KL, safety CE, task CE).
+    fused = f"{logits_path}+fused"
+    runners = [bench_step.StepRunner("tiny", m, seed=0) for m in (logits_path, fused)]
+    losses, grads = [], []
+    for r in runners:
+        r.prefill()
+        task = r.task_loss(r.user[0])
+        task.backward()
+        grads.append([p.grad.clone() for p in r.params])
+        align = r.alignment_loss(0, r.alignment_reference(0)) if r.spec.needs_alignment else task
+        losses.append(torch.stack([task.detach(), align.detach()]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0)
+    for g_fused, g_logits in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_fused, g_logits, rtol=1e-5, atol=1e-7)
+
+
+def test_bench_step_fused_variants_never_materialise_the_logits():
+    methods = ["sft", "sft+fused", "safegrad+fused", "safegrad+cache+every=2+fused"]
+    runners = [bench_step.StepRunner("tiny", m, seed=0) for m in methods]
+    assert [r.variant.fused for r in runners] == [False, True, True, True]
+    seq = bench_step.CONFIGS["tiny"][2]
+    positions = {}  # method -> the sequence length of every output of the LM head
+    for r in runners:
+        r.prefill()
+        seen = positions.setdefault(r.method, [])
+        head = r.model.get_output_embeddings()
+        hook = head.register_forward_hook(
+            lambda mod, args, out, seen=seen: seen.append(out.shape[1])
+        )
+        try:
+            for _ in range(2):
+                r.step()
+        finally:
+            hook.remove()
+    assert set(positions["sft"]) == {seq}  # the logits path: [B, T, V] logits
+    # +fused: only fused_head's one position per forward reaches the head (task, live
+    # reference and alignment forwards on both steps; every=2 aligns on the first only).
+    assert positions["sft+fused"] == [1, 1]
+    assert positions["safegrad+fused"] == [1] * 6
+    assert positions["safegrad+cache+every=2+fused"] == [1] * 3
+    with pytest.raises(ValueError, match="fused_loss"):
+        bench_step.parse_variant("authors+fused")
+    assert bench_step.parse_variant("safegrad+fused+cache").label == "safegrad+cache+fused"
+    assert {"safegrad+cache+fused", "safegrad+cache+every=4+fused"} <= set(
+        bench_step.cost_study("vocab128k")
+    )
+
+
+def test_bench_step_fused_memory_target_is_checked_against_sft():
+    assert ("vocab128k", "safegrad*+fused", "memory", 0.4) in bench_step.ISSUE13_TARGETS
+    train = {"sft": 10, "sft+fused": 2, "safegrad": 11, "safegrad+fused": 3, "safegrad+ab=1": 4}
+    results = [
+        {"method": m, "base_rss_mib": 100.0, "peak_rss_mib": 100.0 + mib}
+        for m, mib in train.items()
+    ]
+    targets = [("tiny", "safegrad*+fused", "memory", 0.4), ("tiny", "safegrad*", "memory", 0.35)]
+    said = bench_step.target_verdicts("tiny", results, targets)
+    # one line per matching variant, each against sft on the logits path (10 MiB)
+    assert said[0].startswith("safegrad+fused training memory: 0.30x sft (3 vs 10 MiB")
+    assert said[0].endswith(": MET")
+    assert [s.split(" ")[0] for s in said[1:]] == ["safegrad", "safegrad+fused", "safegrad+ab=1"]
+    assert [s.endswith(": MET") for s in said[1:]] == [False, True, False]
 
 
 def test_gpu_check_without_cuda_says_so_and_exits_0(capsys):
