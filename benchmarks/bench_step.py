@@ -36,8 +36,8 @@ step, i.e. ``cache_reference=False``; settings ``SETTINGS``), plus the benchmark
               all positions, ``g_u``/``g_a`` cloned per parameter, flattened with
               ``torch.cat``, a host ``if dot < 0``, and ``p.grad = g_u - s g_a + rho g_a``.
 
-Variants (``--methods`` takes them beside the plain names): ``METHOD[+cache][+every=K]
-[+ab=N][+fused]`` runs a registry method with SafeGradTrainer options, through the
+Variants (``--methods`` takes them beside the plain names): ``METHOD[+cache][+topk=K]
+[+every=K][+ab=N][+fused]`` runs a registry method with SafeGradTrainer options, through the
 mechanisms the trainer uses for them, in this benchmark's own loop (``StepRunner``, not the
 HF Trainer, whose loop overhead is the same with or without a defense):
 
@@ -46,7 +46,11 @@ HF Trainer, whose loop overhead is the same with or without a defense):
               and read with ``kl_from_reference``, as ``SafeGradTrainer`` does (it builds
               the store before its first optimizer step; here once after set-up), so the
               timed steps are its steady state; its host memory counts in the training
-              memory (it is built after the set-up RSS is read).
+              memory (it is built after the set-up RSS is read). Exact (dense fp32) is
+              what the trainer's default picks while the store fits its 1 GiB budget:
+              4 V + 4 bytes a loss row, 525 MB for vocab128k's 1,024 rows.
+``+topk=K``   with ``+cache``: ``reference_top_k=K``, the top-k store (8 K + 4 bytes a
+              row, error bound in ``reference_store``).
 ``+every=K``  ``alignment_every=K``: the registry's setting, so the surgeon's own
               ``wants_reference`` decides (``Method.alignment_due``), as in the trainer;
               alignment batches advance only on refresh steps.
@@ -240,12 +244,15 @@ class Variant:
     alignment_every: int = 1
     alignment_batch: int | None = None  # None: the task batch size
     fused: bool = False
+    top_k: int | None = None  # with cache: the store's reference_top_k (None: exact)
 
     @property
     def label(self) -> str:
         parts = [self.method]
         if self.cache:
             parts.append("cache")
+        if self.top_k is not None:
+            parts.append(f"topk={self.top_k}")
         if self.alignment_every != 1:
             parts.append(f"every={self.alignment_every}")
         if self.alignment_batch is not None:
@@ -256,7 +263,7 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    """``METHOD[+cache][+every=K][+ab=N][+fused]`` (see the module docstring)."""
+    """``METHOD[+cache][+topk=K][+every=K][+ab=N][+fused]`` (see the module docstring)."""
     method, *options = text.split("+")
     if method not in METHODS:
         raise ValueError(f"{text!r}: method must be one of {METHODS}")
@@ -264,16 +271,21 @@ def parse_variant(text: str) -> Variant:
     for opt in options:
         if opt in ("cache", "fused"):
             kw[opt] = True
-        elif m := re.fullmatch(r"(every|ab)=([1-9][0-9]*)", opt):
-            kw["alignment_every" if m[1] == "every" else "alignment_batch"] = int(m[2])
+        elif m := re.fullmatch(r"(every|ab|topk)=([1-9][0-9]*)", opt):
+            name = {"every": "alignment_every", "ab": "alignment_batch", "topk": "top_k"}[m[1]]
+            kw[name] = int(m[2])
         else:
-            raise ValueError(f"{text!r}: unknown option {opt!r} (cache, every=K, ab=N, fused)")
+            raise ValueError(
+                f"{text!r}: unknown option {opt!r} (cache, topk=K, every=K, ab=N, fused)"
+            )
     variant = Variant(method, **kw)
     spec = None if method == AUTHORS else get_method(method)
     if variant.fused and spec is None:
         raise ValueError(f"{text!r}: fused_loss is a SafeGradTrainer option; {AUTHORS} is not")
     if set(options) - {"fused"} and (spec is None or not spec.needs_alignment):
         raise ValueError(f"{text!r}: {method} has no alignment pass to change")
+    if variant.top_k is not None and not variant.cache:
+        raise ValueError(f"{text!r}: topk=K sets the store of +cache")
     if variant.cache and spec.alignment_loss != "kl":
         raise ValueError(f"{text!r}: the reference store holds the KL's reference")
     # A method without the registry's hyperparameter (mixed, spf) has no refresh to set.
@@ -296,6 +308,8 @@ def cost_study(config: str) -> list[str]:
         "safegrad+fused",
         "safegrad+cache+fused",
         "safegrad+cache+every=4+fused",
+        "safegrad+cache+topk=64",
+        "safegrad+cache+topk=64+fused",
         *[f"safegrad+ab={n}" for n in smaller],
     ]
 
@@ -403,7 +417,7 @@ class StepRunner:
                 self.model,
                 ((indices, batch) for batch, indices in self.align),
                 positions="response",
-                top_k=None,
+                top_k=self.variant.top_k,
             )
 
     def _clock(self) -> float:

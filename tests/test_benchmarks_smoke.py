@@ -82,7 +82,14 @@ def test_bench_step_variants_use_the_trainer_mechanisms(monkeypatch):
         runner.step()
     assert runner.alignment_passes == 3  # steps 0, 2, 4
     assert len(reads) == 3  # ... read on every alignment pass, never recomputed
-    for bad in ("safegrad+every=0", "sft+cache", "spf+cache", "mixed+every=2", "safegrad+fast"):
+    # +topk=K is the trainer's reference_top_k=K store.
+    topk = bench_step.StepRunner("tiny", "safegrad+topk=4+cache", seed=0)
+    assert topk.variant.label == "safegrad+cache+topk=4"
+    topk.prefill()
+    assert topk.store.top_k == 4 and topk.store.nbytes < runner.store.nbytes
+    topk.step()
+    bad_variants = ("safegrad+every=0", "sft+cache", "spf+cache", "mixed+every=2")
+    for bad in (*bad_variants, "safegrad+fast", "safegrad+topk=4", "safegrad+cache+topk=0"):
         with pytest.raises(ValueError):
             bench_step.parse_variant(bad)
     assert bench_step.parse_variant("safegrad+ab=2+cache").label == "safegrad+cache+ab=2"
