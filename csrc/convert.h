@@ -145,36 +145,35 @@ struct F32 {
 #endif
 };
 
-// BF16 and F16 are twins on purpose: they differ only in the conversion pair they call.
-// Folding them into a template over a conversion tag (sketched, not kept) takes about as
-// many lines (two tag structs replace one struct) and adds an indirection for a reader,
-// with nothing to gain at run time: every function here is force-inlined.
-struct BF16 {
-  using storage = uint16_t;
-  static SAFEGRAD_INLINE float load(uint16_t v) { return bf16_to_f32(uint32_t(v)); }
-  static SAFEGRAD_INLINE uint16_t store(float f) { return uint16_t(f32_to_bf16(f)); }
-#if SAFEGRAD_VECTOR
-  static SAFEGRAD_INLINE vf32 vload(const uint16_t* p) {
-    return bf16_to_f32(__builtin_convertvector(load_bytes<vu16>(p), vu32));
-  }
-  static SAFEGRAD_INLINE void vstore(uint16_t* p, vf32 v) {
-    store_bytes(p, __builtin_convertvector(f32_to_bf16(v), vu16));
-  }
-#endif
-};
+// BF16 and F16: stored as uint16_t, widened and narrowed by their own conversion pair,
+// picked at compile time. They compile to the same machine code as the two hand-written
+// structs this template replaced (GCC 12.2, -O3 -march=native, vector and scalar builds,
+// objdump compared instruction for instruction, 2026-12-02).
+enum class Half { bf16, f16 };
 
-struct F16 {
+template <Half kind>
+struct Half16 {
   using storage = uint16_t;
-  static SAFEGRAD_INLINE float load(uint16_t v) { return f16_to_f32(uint32_t(v)); }
-  static SAFEGRAD_INLINE uint16_t store(float f) { return uint16_t(f32_to_f16(f)); }
+  template <class U>
+  static SAFEGRAD_INLINE auto widen(U bits) {
+    return kind == Half::bf16 ? bf16_to_f32(bits) : f16_to_f32(bits);
+  }
+  template <class F>
+  static SAFEGRAD_INLINE auto narrow(F f) {
+    return kind == Half::bf16 ? f32_to_bf16(f) : f32_to_f16(f);
+  }
+  static SAFEGRAD_INLINE float load(uint16_t v) { return widen(uint32_t(v)); }
+  static SAFEGRAD_INLINE uint16_t store(float f) { return uint16_t(narrow(f)); }
 #if SAFEGRAD_VECTOR
   static SAFEGRAD_INLINE vf32 vload(const uint16_t* p) {
-    return f16_to_f32(__builtin_convertvector(load_bytes<vu16>(p), vu32));
+    return widen(__builtin_convertvector(load_bytes<vu16>(p), vu32));
   }
   static SAFEGRAD_INLINE void vstore(uint16_t* p, vf32 v) {
-    store_bytes(p, __builtin_convertvector(f32_to_f16(v), vu16));
+    store_bytes(p, __builtin_convertvector(narrow(v), vu16));
   }
 #endif
 };
+using BF16 = Half16<Half::bf16>;
+using F16 = Half16<Half::f16>;
 
 }  // namespace safegrad

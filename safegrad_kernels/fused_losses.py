@@ -507,13 +507,27 @@ def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, rows)
 
 
-def _needs(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[bool, bool, bool]:
+def _fused_linear_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    rows: Tensor,
+    row_weights: Tensor,
+    scale: Tensor,
+    row_loss: RowLoss,
+    memory_budget: int | None,
+) -> Tensor:
+    """``row_loss`` of ``hidden[rows] @ weight.T + bias``, in chunks that fit the budget."""
     # Known only out here: Function.forward runs with grad mode off.
     on = torch.is_grad_enabled()
-    return (
+    needs = (
         on and hidden.requires_grad,
         on and weight.requires_grad,
         on and bias is not None and bias.requires_grad,
+    )
+    chunk_rows = chunk_rows_for_budget(weight.shape[0], hidden.element_size(), memory_budget)
+    return _FusedLinearLoss.apply(
+        _gather_rows(hidden, rows), weight, bias, row_weights, scale, chunk_rows, row_loss, needs
     )
 
 
@@ -595,16 +609,8 @@ def fused_linear_kl(
         ref_rows = _gather_rows(reference.detach(), rows)
         head_w, head_b = weight.detach(), None if bias is None else bias.detach()
         row_loss = _DenseKL(lambda s, e: F.linear(ref_rows[s:e], head_w, head_b).to(acc))
-    chunk_rows = chunk_rows_for_budget(vocab, hidden.element_size(), memory_budget)
-    return _FusedLinearLoss.apply(
-        _gather_rows(hidden, rows),
-        weight,
-        bias,
-        row_weights,
-        scale,
-        chunk_rows,
-        row_loss,
-        _needs(hidden, weight, bias),
+    return _fused_linear_loss(
+        hidden, weight, bias, rows, row_weights, scale, row_loss, memory_budget
     )
 
 
@@ -628,7 +634,6 @@ def fused_linear_cross_entropy(
     """
     _check_head(hidden, weight, bias)
     batch, seq, _ = hidden.shape
-    vocab = weight.shape[0]
     _check_labels(labels, batch, seq, hidden.device)
     acc = torch.promote_types(hidden.dtype, torch.float32)
     rows, row_weights, scale = _prepare(
@@ -637,16 +642,8 @@ def fused_linear_cross_entropy(
     targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(-1).index_select(0, rows)
     # Extra rows (weight 0) may carry ignore_index: any valid class keeps gather in range.
     targets = torch.where(targets == ignore_index, 0, targets)
-    chunk_rows = chunk_rows_for_budget(vocab, hidden.element_size(), memory_budget)
-    return _FusedLinearLoss.apply(
-        _gather_rows(hidden, rows),
-        weight,
-        bias,
-        row_weights,
-        scale,
-        chunk_rows,
-        _CrossEntropy(targets),
-        _needs(hidden, weight, bias),
+    return _fused_linear_loss(
+        hidden, weight, bias, rows, row_weights, scale, _CrossEntropy(targets), memory_budget
     )
 
 

@@ -1,4 +1,5 @@
-"""What the `safegrad` commands share: argparse value types, the help formatter, option groups.
+"""What the `safegrad` commands share: argparse value types, the help formatter, option groups
+and the delegation of a command to a package imported only when it runs.
 
 Only the standard library and ``data`` are imported here, so building any parser stays fast
 and works without transformers.
@@ -7,6 +8,8 @@ and works without transformers.
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -18,6 +21,7 @@ __all__ = [
     "add_model_arguments",
     "add_prompt_style",
     "add_values",
+    "delegated",
     "non_negative_float",
     "non_negative_int",
     "positive_int",
@@ -99,3 +103,32 @@ def add_model_arguments(group: Options) -> None:
 def add_prompt_style(group: Options, *, default: str | None, help: str) -> None:
     """``--prompt-style``: the template that turns an example into the model's prompt."""
     group.add_argument("--prompt-style", choices=PROMPT_STYLES, default=default, help=help)
+
+
+def delegated(
+    command: str, module: str
+) -> tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]:
+    """``(add_arguments, run)`` of a command whose options and run are ``module``'s own.
+
+    ``module`` (e.g. the demo package, with its model and plotting) is imported only when
+    ``command`` is chosen. If it cannot be imported (the demo extras are not installed), the
+    parser still builds and the command says why it is unavailable, exit code 1.
+    """
+    missing = f"{command}_import_error"
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        try:
+            target = importlib.import_module(module)
+        except ImportError as exc:
+            parser.set_defaults(**{missing: str(exc)})
+            return
+        target.add_arguments(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        if getattr(args, missing, None):
+            print(f"safegrad {command}: unavailable ({getattr(args, missing)})", file=sys.stderr)
+            return 1
+        importlib.import_module(module).run(args)
+        return 0
+
+    return add_arguments, run

@@ -17,9 +17,11 @@ import os
 import platform
 import shlex
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = ["add_arguments", "run", "start_line"]
 
@@ -44,23 +46,25 @@ _MS_PER_STEP = {"sft": 30.0, "mixed": 54.0, "safegrad": 57.0, "spf": 35.0}
 _SECONDS_PER_RUN = 0.6
 _ALIGN_MS_PER_STEP = 78.0
 
-
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, got {text!r}"
-        ) from None
+T = TypeVar("T", int, float)
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+def _comma_list(convert: Callable[[str], T], what: str) -> Callable[[str], list[T]]:
+    """An argparse type: comma-separated values, each read by ``convert`` (empty ones skipped)."""
+
+    def parse(text: str) -> list[T]:
+        try:
+            return [convert(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+_floats = _comma_list(float, "numbers")
+_ints = _comma_list(int, "integers")
 
 
 def _methods(text: str) -> list[str]:

@@ -23,11 +23,16 @@ Reductions write one partial per chunk to a fixed slot and ``_segment_sum_kernel
 the partials of each segment in a fixed order: deterministic, no atomics. Offsets and
 program ids are int64 (a 7B model's flat buffer passes 2**31 elements); math is fp32.
 
-The loads and stores are written out in each kernel rather than factored into @jit
-helpers, and accumulators start from ``tl.full`` rather than ``tl.zeros``: under
-``TRITON_INTERPRET=1`` every call of a @jit function (``tl.zeros`` and ``tl.sum`` are
-ones) re-patches ``triton.language``, about 1-6 ms a call here, which made the
-1,000-tensor tests 3-5x slower. Same PTX either way.
+The chunk walk (the helpers below) is written once, as functions declared with
+``_device_fn``. Compiled, Triton inlines them: the PTX and AMDGCN of every kernel (sm_80,
+sm_90, gfx942; fp32, bf16, fp16; aligned or not) were instruction for instruction those of
+the kernels written out in full (triton 3.9.0, compared through ``triton_aot``). Pointer
+arithmetic keeps its grouping, ``g + o + lanes``: ``g + (o + lanes)`` changed the axpy
+kernel's code (sm_90 fp32: 60 -> 58 registers; gfx942 fp16 unaligned: 16 -> 45 VGPRs).
+Under ``TRITON_INTERPRET=1`` every call of an @jit function re-patches ``triton.language``,
+about 1-6 ms a call here; ``_device_fn`` helpers skip that, and accumulators start from
+``tl.full`` rather than ``tl.zeros`` (an @jit function) for the same reason: the 1,000-tensor
+tests were 3-5x slower with the calls.
 """
 
 from __future__ import annotations
@@ -43,13 +48,91 @@ import triton.language as tl
 _BF16_RNE_BY_HAND = tl.constexpr(os.environ.get("TRITON_INTERPRET", "") == "1")
 
 
-@triton.jit
+def _device_fn(fn):
+    """``@triton.jit`` for a helper that kernels call, without the interpreter's per-call cost.
+
+    Compiled, it is the @jit function, which Triton inlines. Interpreted, it is the
+    interpreter's rewrite of ``fn`` called as a plain function: ``InterpretedFunction``'s own
+    call first re-patches ``triton.language`` (module docstring), which the launch of the
+    calling kernel has already done.
+    """
+    jitted = triton.jit(fn)
+    if isinstance(jitted, triton.runtime.JITFunction):
+        return jitted
+    return jitted.rewrite()
+
+
+@_device_fn
 def _bf16_rne(v):
     """fp32 -> bf16, round to nearest even, NaN kept NaN (what cvt.rn.bf16.f32 does)."""
     bits = v.to(tl.uint32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     rounded = tl.where(v != v, 0x7FC0, rounded)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@_device_fn
+def _store_f32(ptr, v, mask):
+    """Stores fp32 ``v`` in ``ptr``'s dtype (bf16 rounded to nearest even on both paths)."""
+    if _BF16_RNE_BY_HAND and ptr.dtype.element_ty == tl.bfloat16:
+        v = _bf16_rne(v)
+    tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- the chunk walk
+
+
+@_device_fn
+def _chunk(chunks, pid):
+    """``(row, start, end)`` of chunk ``pid``: elements ``[start, end)`` of pointer row ``row``."""
+    row = tl.load(chunks + pid * 4)
+    start = tl.load(chunks + pid * 4 + 1)
+    end = tl.load(chunks + pid * 4 + 2)
+    return row, start, end
+
+
+@_device_fn
+def _base(slot, x_ty, ALIGNED: tl.constexpr):
+    """The typed base address at table entry ``slot``, hinted 16-byte aligned when ALIGNED."""
+    base = tl.load(slot).to(x_ty.dtype)
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+    return base
+
+
+@_device_fn
+def _body(start, end, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+    """``(body, n_full)``: the chunk's unmasked part is ``n_full`` blocks from ``body``.
+
+    Apart from ``_chunk`` so that kernels load their base addresses first, as they did: one
+    helper for both moved this arithmetic ahead of those loads in the PTX.
+    """
+    body = start
+    if ALIGNED:
+        body = tl.minimum((start + VEC - 1) // VEC * VEC, end)
+    n_full = (end - body) // BLOCK
+    return body, n_full
+
+
+@_device_fn
+def _block(body, b, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr):
+    """Offset of unmasked block ``b``, hinted a multiple of VEC when ALIGNED."""
+    o = body + b * BLOCK
+    if ALIGNED:
+        o = tl.multiple_of(o, VEC)
+    return o
+
+
+@_device_fn
+def _edge(edge: tl.constexpr, start, end, body, n_full, BLOCK: tl.constexpr):
+    """``[lo, hi)`` of masked edge ``edge``: 0 the unaligned head, 1 the ragged tail."""
+    if edge == 0:
+        lo = start
+        hi = body
+    else:
+        lo = body + n_full * BLOCK
+        hi = end
+    return lo, hi
 
 
 # ----------------------------------------------------------------------------- dot_norms
@@ -65,39 +148,23 @@ def _dot_norms_partial_kernel(
     The row has 4 slots (the last repeats ||g||^2) so it is one 2x2 store.
     """
     pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(chunks + pid * 4)
-    start = tl.load(chunks + pid * 4 + 1)
-    end = tl.load(chunks + pid * 4 + 2)
-    g = tl.load(ptrs + row).to(g_ty.dtype)
-    r = tl.load(ptrs + n_rows + row).to(r_ty.dtype)
-    body = start
-    if ALIGNED:
-        g = tl.multiple_of(g, 16)
-        r = tl.multiple_of(r, 16)
-        body = tl.minimum((start + VEC - 1) // VEC * VEC, end)
-    n_full = (end - body) // BLOCK
+    row, start, end = _chunk(chunks, pid)
+    g = _base(ptrs + row, g_ty, ALIGNED)
+    r = _base(ptrs + n_rows + row, r_ty, ALIGNED)
+    body, n_full = _body(start, end, BLOCK, VEC, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     acc_gr = tl.full([BLOCK], 0.0, tl.float32)
     acc_rr = tl.full([BLOCK], 0.0, tl.float32)
     acc_gg = tl.full([BLOCK], 0.0, tl.float32)
     for b in range(n_full):
-        o = body + b * BLOCK
-        if ALIGNED:
-            o = tl.multiple_of(o, VEC)
+        o = _block(body, b, BLOCK, VEC, ALIGNED)
         x = tl.load(g + o + lanes).to(tl.float32)
         y = tl.load(r + o + lanes).to(tl.float32)
         acc_gr += x * y
         acc_rr += y * y
         acc_gg += x * x
-    # Deliberately repeated in each kernel, not a @jit helper: a helper call costs
-    # 1-6 ms under the interpreter (module docstring); same PTX on the GPU.
-    for edge in tl.static_range(2):  # masked: the unaligned head, then the ragged tail
-        if edge == 0:
-            lo = start
-            hi = body
-        else:
-            lo = body + n_full * BLOCK
-            hi = end
+    for edge in tl.static_range(2):
+        lo, hi = _edge(edge, start, end, body, n_full, BLOCK)
         if lo < hi:
             offs = lo + lanes
             x = tl.load(g + offs, mask=offs < hi, other=0.0).to(tl.float32)
@@ -157,43 +224,23 @@ def _axpy_kernel(
     # The no-conflict step (c == 0 everywhere) then costs the table reads only: 2N instead of
     # 5N element moves per SafeGrad step. NaN != 0, so a NaN coefficient is still applied.
     if c != 0.0:
-        row = tl.load(chunks + pid * 4)
-        start = tl.load(chunks + pid * 4 + 1)
-        end = tl.load(chunks + pid * 4 + 2)
-        g = tl.load(ptrs + row).to(g_ty.dtype)
-        r = tl.load(ptrs + n_rows + row).to(r_ty.dtype)
-        body = start
-        if ALIGNED:
-            g = tl.multiple_of(g, 16)
-            r = tl.multiple_of(r, 16)
-            body = tl.minimum((start + VEC - 1) // VEC * VEC, end)
-        n_full = (end - body) // BLOCK
+        row, start, end = _chunk(chunks, pid)
+        g = _base(ptrs + row, g_ty, ALIGNED)
+        r = _base(ptrs + n_rows + row, r_ty, ALIGNED)
+        body, n_full = _body(start, end, BLOCK, VEC, ALIGNED)
         lanes = tl.arange(0, BLOCK)
         for b in range(n_full):
-            o = body + b * BLOCK
-            if ALIGNED:
-                o = tl.multiple_of(o, VEC)
+            o = _block(body, b, BLOCK, VEC, ALIGNED)
             v = tl.load(g + o + lanes).to(tl.float32) + c * tl.load(r + o + lanes).to(tl.float32)
-            if _BF16_RNE_BY_HAND and g_ty.dtype.element_ty == tl.bfloat16:
-                v = _bf16_rne(v)
-            tl.store(g + o + lanes, v.to(g_ty.dtype.element_ty))
-        # Deliberately repeated in each kernel, not a @jit helper: a helper call costs
-        # 1-6 ms under the interpreter (module docstring); same PTX on the GPU.
-        for edge in tl.static_range(2):  # masked: the unaligned head, then the ragged tail
-            if edge == 0:
-                lo = start
-                hi = body
-            else:
-                lo = body + n_full * BLOCK
-                hi = end
+            _store_f32(g + o + lanes, v, None)
+        for edge in tl.static_range(2):
+            lo, hi = _edge(edge, start, end, body, n_full, BLOCK)
             if lo < hi:
                 offs = lo + lanes
                 m = offs < hi
                 x = tl.load(g + offs, mask=m, other=0.0).to(tl.float32)
                 v = x + c * tl.load(r + offs, mask=m, other=0.0).to(tl.float32)
-                if _BF16_RNE_BY_HAND and g_ty.dtype.element_ty == tl.bfloat16:
-                    v = _bf16_rne(v)
-                tl.store(g + offs, v.to(g_ty.dtype.element_ty), mask=m)
+                _store_f32(g + offs, v, m)
 
 
 # ----------------------------------------------------------------------------- gram
@@ -210,39 +257,21 @@ def _gram_partial_kernel(
     DRAM traffic stays near M reads per element while M stays a runtime value.
     """
     pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(chunks + pid * 4)
-    start = tl.load(chunks + pid * 4 + 1)
-    end = tl.load(chunks + pid * 4 + 2)
-    body = start
-    if ALIGNED:
-        body = tl.minimum((start + VEC - 1) // VEC * VEC, end)
-    n_full = (end - body) // BLOCK
+    row, start, end = _chunk(chunks, pid)
+    body, n_full = _body(start, end, BLOCK, VEC, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     out = partial + pid * M * M
     for i in range(M):
-        xi = tl.load(ptrs + i * n_rows + row).to(x_ty.dtype)
-        if ALIGNED:
-            xi = tl.multiple_of(xi, 16)
+        xi = _base(ptrs + i * n_rows + row, x_ty, ALIGNED)
         for j in range(i, M):
-            xj = tl.load(ptrs + j * n_rows + row).to(x_ty.dtype)
-            if ALIGNED:
-                xj = tl.multiple_of(xj, 16)
+            xj = _base(ptrs + j * n_rows + row, x_ty, ALIGNED)
             acc = tl.full([BLOCK], 0.0, tl.float32)
             for b in range(n_full):
-                o = body + b * BLOCK
-                if ALIGNED:
-                    o = tl.multiple_of(o, VEC)
+                o = _block(body, b, BLOCK, VEC, ALIGNED)
                 a = tl.load(xi + o + lanes).to(tl.float32)
                 acc += a * tl.load(xj + o + lanes).to(tl.float32)
-            # Deliberately repeated in each kernel, not a @jit helper: a helper call costs
-            # 1-6 ms under the interpreter (module docstring); same PTX on the GPU.
-            for edge in tl.static_range(2):  # masked: unaligned head, ragged tail
-                if edge == 0:
-                    lo = start
-                    hi = body
-                else:
-                    lo = body + n_full * BLOCK
-                    hi = end
+            for edge in tl.static_range(2):
+                lo, hi = _edge(edge, start, end, body, n_full, BLOCK)
                 if lo < hi:
                     offs = lo + lanes
                     a = tl.load(xi + offs, mask=offs < hi, other=0.0).to(tl.float32)
@@ -266,47 +295,24 @@ def _combine_kernel(
     makes ``out`` being ``lists[0]`` safe.
     """
     pid = tl.program_id(0).to(tl.int64)
-    row = tl.load(chunks + pid * 4)
-    start = tl.load(chunks + pid * 4 + 1)
-    end = tl.load(chunks + pid * 4 + 2)
-    out = tl.load(ptrs + M * n_rows + row).to(out_ty.dtype)
-    body = start
-    if ALIGNED:
-        out = tl.multiple_of(out, 16)
-        body = tl.minimum((start + VEC - 1) // VEC * VEC, end)
-    n_full = (end - body) // BLOCK
+    row, start, end = _chunk(chunks, pid)
+    out = _base(ptrs + M * n_rows + row, out_ty, ALIGNED)
+    body, n_full = _body(start, end, BLOCK, VEC, ALIGNED)
     lanes = tl.arange(0, BLOCK)
     for b in range(n_full):
-        o = body + b * BLOCK
-        if ALIGNED:
-            o = tl.multiple_of(o, VEC)
+        o = _block(body, b, BLOCK, VEC, ALIGNED)
         acc = tl.full([BLOCK], 0.0, tl.float32)
         for j in range(M):
-            x = tl.load(ptrs + j * n_rows + row).to(x_ty.dtype)
-            if ALIGNED:
-                x = tl.multiple_of(x, 16)
+            x = _base(ptrs + j * n_rows + row, x_ty, ALIGNED)
             acc += tl.load(weights + j) * tl.load(x + o + lanes).to(tl.float32)
-        if _BF16_RNE_BY_HAND and out_ty.dtype.element_ty == tl.bfloat16:
-            acc = _bf16_rne(acc)
-        tl.store(out + o + lanes, acc.to(out_ty.dtype.element_ty))
-    # Deliberately repeated in each kernel, not a @jit helper: a helper call costs
-    # 1-6 ms under the interpreter (module docstring); same PTX on the GPU.
-    for edge in tl.static_range(2):  # masked: the unaligned head, then the ragged tail
-        if edge == 0:
-            lo = start
-            hi = body
-        else:
-            lo = body + n_full * BLOCK
-            hi = end
+        _store_f32(out + o + lanes, acc, None)
+    for edge in tl.static_range(2):
+        lo, hi = _edge(edge, start, end, body, n_full, BLOCK)
         if lo < hi:
+            acc = tl.full([BLOCK], 0.0, tl.float32)
             offs = lo + lanes
             m = offs < hi
-            acc = tl.full([BLOCK], 0.0, tl.float32)
             for j in range(M):
-                x = tl.load(ptrs + j * n_rows + row).to(x_ty.dtype)
-                if ALIGNED:
-                    x = tl.multiple_of(x, 16)
+                x = _base(ptrs + j * n_rows + row, x_ty, ALIGNED)
                 acc += tl.load(weights + j) * tl.load(x + offs, mask=m, other=0.0).to(tl.float32)
-            if _BF16_RNE_BY_HAND and out_ty.dtype.element_ty == tl.bfloat16:
-                acc = _bf16_rne(acc)
-            tl.store(out + offs, acc.to(out_ty.dtype.element_ty), mask=m)
+            _store_f32(out + offs, acc, m)

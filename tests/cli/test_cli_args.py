@@ -11,7 +11,13 @@ import sys
 import pytest
 from paths import ROOT
 
-from safegrad_kernels.cli.args import non_negative_float, non_negative_int, positive_int, ratio
+from safegrad_kernels.cli.args import (
+    delegated,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+    ratio,
+)
 
 
 @pytest.mark.parametrize(
@@ -30,6 +36,15 @@ def test_value_types_accept_and_refuse(parse, good, bad, message):
         with pytest.raises(argparse.ArgumentTypeError, match=re.escape(message)) as err:
             parse(text)
         assert repr(text) in str(err.value)  # the message quotes what the user typed
+
+
+def test_a_delegated_command_that_cannot_import_says_why(capsys):
+    add_arguments, run = delegated("nope", "safegrad_kernels._no_such_module")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # builds without the module
+    assert run(parser.parse_args([])) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("safegrad nope: unavailable (") and "_no_such_module" in err
 
 
 _WITHOUT_HF = """

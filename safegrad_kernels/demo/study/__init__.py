@@ -403,14 +403,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--jobs", type=_at_least_one, default=1, help="training runs in parallel processes"
     )
     parser.add_argument(
+        "--threads", type=_at_least_one, default=1, help="torch threads per run (default 1)"
+    )
+    parser.add_argument(
         "--time-budget", type=_seconds, default=None, metavar="SECONDS",
         help="start no run after this many seconds; finish those in flight, write the report",
     )  # fmt: skip
     parser.add_argument(
         "--report-only", action="store_true", help="no training: the report from the cached runs"
-    )
-    parser.add_argument(
-        "--threads", type=_at_least_one, default=1, help="torch threads per run (default 1)"
     )
     parser.add_argument(
         "--cache-dir", type=Path, default=None,
@@ -598,16 +598,16 @@ def _commit() -> str:
     """The git commit of the code that ran (``+dirty`` with uncommitted edits), or n/a."""
     import subprocess
 
-    here = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[2]  # safegrad_kernels/
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=package, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
-            text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "."], cwd=here.parent.parent,
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()  # fmt: skip
+        head = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--", ".")
     except (OSError, subprocess.SubprocessError):
         return "n/a"
     return head + ("+dirty" if dirty else "")
