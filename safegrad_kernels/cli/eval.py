@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--labels",
+        metavar="A,B,...",
         help="comma-separated class labels for classification (default: the distinct gold answers)",
     )
     add_values(
