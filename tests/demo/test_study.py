@@ -311,7 +311,9 @@ def test_incomplete_seeds_are_left_out_of_the_pairing():
 # --- HS versus alignment_every -----------------------------------------------------
 
 
-def _refresh_entries(hs_of_k, seeds=range(10), ks=(1, 2, 4, 8), ratios=(0.1, 0.5)) -> list[dict]:
+def _refresh_entries(
+    hs_of_k, seeds=range(10), ks=(1, 2, 4, 8), ratios=(0.1, 0.5), fa_of_k=lambda k, p: 0.95
+) -> list[dict]:
     rng = random.Random(4)
     out = []
     for p in ratios:
@@ -322,7 +324,7 @@ def _refresh_entries(hs_of_k, seeds=range(10), ks=(1, 2, 4, 8), ratios=(0.1, 0.5
                 out.append(
                     {"method": "safegrad", "weight": 1.0, "harmful_ratio": p, "seed": s}
                     | {"alignment_every": None if k == 1 else k}
-                    | {"metrics": {"harmful_score": hs, "finetune_accuracy": 0.95}}
+                    | {"metrics": {"harmful_score": hs, "finetune_accuracy": fa_of_k(k, p)}}
                 )
     return out
 
@@ -332,6 +334,8 @@ def test_refresh_analysis_finds_where_safety_degrades():
     assert flat["degrades_from"] is None and flat["ks"] == [1, 2, 4, 8]
     assert all(row["verdict"] == "none" for r in flat["ratios"] for row in r["rows"][1:])
     assert "significantly at no p" in report.refresh_conclusion(flat)[0]
+    assert flat["task_degrades_from"] is None
+    assert report.refresh_conclusion(flat)[0].endswith("FA falls significantly at no k.")
 
     # HS rises by 20 points from k = 4 on, at p = 0.5 only.
     def rises(k, p):
@@ -346,6 +350,26 @@ def test_refresh_analysis_finds_where_safety_degrades():
     assert "degrades safety from k = 4" in sentence and "p = 0.5" in sentence
     section = "\n".join(report.refresh_section(worse, {"refresh_rho": 1.0}))
     assert "significantly higher" in section and "p = 0.1, 10 paired seeds." in section
+
+
+def test_refresh_conclusion_does_not_call_a_broken_model_safe():
+    # What the study found at k = 8: HS 0 because FA is 0 (the model degenerates).
+    def hs(k, p):
+        return -0.3 if k == 8 else 0.0
+
+    def fa(k, p):
+        return 0.0 if k == 8 else (0.7 if k == 4 else 0.95)
+
+    sweep = stats.refresh_analysis(_refresh_entries(hs, fa_of_k=fa), (2, 4, 8), (0.1, 0.5))
+    assert sweep["degrades_from"] is None and sweep["task_degrades_from"] == 4
+    rows = {row["k"]: row for row in sweep["ratios"][0]["rows"]}
+    assert rows[8]["verdict"] == "lower" and rows[8]["fa_verdict"] == "lower"
+    sentence = report.refresh_conclusion(sweep)[0]
+    assert "the task suffers from k = 4" in sentence and "p = 0.1, 0.5" in sentence
+    assert "At k = 8 the fine-tuning breaks down" in sentence and "not safety" in sentence
+    assert "| significantly lower | significantly lower |" in "\n".join(
+        report.refresh_section(sweep, {"refresh_rho": 1.0})
+    )
 
 
 def test_refresh_analysis_pairs_only_complete_seeds():

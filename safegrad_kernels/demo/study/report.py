@@ -260,14 +260,31 @@ def refresh_conclusion(refresh: dict | None) -> list[str]:
     )
     k0 = refresh["degrades_from"]
     if k0 is None:
-        return [
+        sentence = (
             f"Computing the alignment gradient only every k-th step (k = {_ps(ks)}) raises "
             f"SafeGrad's HS significantly at no p in {{{ps}}} against every step; {bound}."
-        ]
-    where = _ps(p for p, row in rows if row["k"] == k0 and row["verdict"] == "higher")
+        )
+    else:
+        where = _ps(p for p, row in rows if row["k"] == k0 and row["verdict"] == "higher")
+        sentence = (
+            "Computing the alignment gradient only every k-th step degrades safety from "
+            f"k = {k0}: HS is significantly higher than with every step at p = {where}; {bound}."
+        )
+    kt = refresh.get("task_degrades_from")
+    if kt is None:
+        return [sentence + " FA falls significantly at no k."]
+    where = _ps(p for p, row in rows if row["k"] == kt and row.get("fa_verdict") == "lower")
+    dead = [(p, row) for p, row in rows if row["fa"]["mean"] < 0.05]
+    broken = ""
+    if dead:
+        kd = min(row["k"] for _, row in dead)
+        broken = (
+            f" At k = {kd} the fine-tuning breaks down (FA below 5% at p = "
+            f"{_ps(p for p, row in dead if row['k'] == kd)}), so a low HS there is not safety."
+        )
     return [
-        f"Computing the alignment gradient only every k-th step degrades safety from k = {k0}: "
-        f"HS is significantly higher than with every step at p = {where}; {bound}."
+        sentence + f" But the task suffers from k = {kt}: FA is significantly lower than with "
+        f"every step at p = {where}.{broken}"
     ]
 
 
@@ -290,11 +307,13 @@ def refresh_section(refresh: dict | None, design: dict) -> list[str]:
                 "-" if row["k"] == 1 else diff_text(row["d_hs"]),
                 "-" if row["k"] == 1 else diff_text(row["d_fa"]),
                 "-" if row["k"] == 1 else VERDICT_WORDS[row["verdict"]],
+                "-" if row["k"] == 1 else VERDICT_WORDS[row.get("fa_verdict", "n/a")],
             ]
             for row in r["rows"]
         ]
         lines += [f"p = {r['p']:g}, {len(r['seeds'])} paired seeds.", ""]
-        lines += _table(["k", "HS %", "FA %", "Δ HS", "Δ FA", "HS vs k = 1"], rows)
+        head = ["k", "HS %", "FA %", "Δ HS", "Δ FA", "HS vs k = 1", "FA vs k = 1"]
+        lines += _table(head, rows)
         lines += [""]
     lines += [" ".join(refresh_conclusion(refresh)) or "No complete seeds yet.", ""]
     if any(r["rows"] for r in refresh["ratios"]):

@@ -458,14 +458,21 @@ def refresh_analysis(
     the paired differences to k = 1 (an entry's ``alignment_every`` None means k = 1).
 
     Per p the seeds are those with a run for every k (the pairing needs all). ``degrades_from``:
-    the smallest k whose HS is significantly higher than k = 1's at some p (None if none).
+    the smallest k whose HS is significantly higher than k = 1's at some p (None if none);
+    ``task_degrades_from``: the same for FA significantly lower (a lower HS there may only
+    mean the fine-tuning broke down, not a safer model).
     """
     table: dict[tuple[float, int, int], dict] = {}
     for e in entries:
         k = e.get("alignment_every") or 1
         table[(e["harmful_ratio"], k, e["seed"])] = e["metrics"]
     ks = sorted(set(refresh) | {1})
-    out: dict = {"ks": ks, "ratios": [], "degrades_from": None}
+    out: dict = {"ks": ks, "ratios": [], "degrades_from": None, "task_degrades_from": None}
+
+    def first(key: str, k: int) -> None:
+        if out[key] is None or k < out[key]:
+            out[key] = k
+
     for p in ratios:
         per_k = [{s for (q, kk, s) in table if (q, kk) == (p, k)} for k in ks]
         seeds = sorted(set.intersection(*per_k))
@@ -481,10 +488,11 @@ def refresh_analysis(
                 row["d_hs"] = paired_difference(hs[k], hs[1], idx)
                 row["d_fa"] = paired_difference(fa[k], fa[1], idx)
                 row["verdict"] = verdict(row["d_hs"])
-                if row["verdict"] == "higher" and (
-                    out["degrades_from"] is None or k < out["degrades_from"]
-                ):
-                    out["degrades_from"] = k
+                row["fa_verdict"] = verdict(row["d_fa"])
+                if row["verdict"] == "higher":
+                    first("degrades_from", k)
+                if row["fa_verdict"] == "lower":
+                    first("task_degrades_from", k)
             rows.append(row)
         out["ratios"].append({"p": p, "seeds": seeds, "rows": rows})
     return out
