@@ -558,8 +558,9 @@ def markdown(results: dict) -> str:
         "hours (per-run CPU time measured here, by method; on a shared machine wall time is "
         "longer).",
         "",
-        "The full study, for a later session (resumable: rerun until nothing is missing,",
-        "committing `docs/study/` after each piece; `--report-only` rebuilds the report):",
+        "The full study (resumable: rerun until nothing is missing, committing",
+        "`docs/study/` after each piece; with every run cached the same command trains",
+        "nothing and rebuilds the report, as does `--report-only`):",
         "",
         f"    {results['full_command']}",
         "",
