@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import logging
 import math
 import sys
 import warnings
@@ -441,6 +442,16 @@ def test_alignment_every_draws_alignment_batches_only_on_refresh_steps(tmp_path)
     assert drawn == [0, 0, 2, 2, 4, 4]  # two micro-batches on each refresh step
     # The closed form that positions a resumed run's schedule counts the same draws.
     assert trainer._alignment_batches_consumed() == len(drawn)
+
+
+def test_alignment_every_above_one_warns_with_the_evidence(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="safegrad_kernels.integrations.trainer"):
+        make_trainer(tmp_path, "safegrad", alignment_every=1)
+    assert "alignment_every" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="safegrad_kernels.integrations.trainer"):
+        make_trainer(tmp_path, "safegrad", alignment_every=4)
+    assert "alignment_every=4" in caplog.text and "steps 0-3 are not defended" in caplog.text
+    assert "docs/study" in caplog.text
 
 
 def test_alignment_every_refusals(tmp_path):
