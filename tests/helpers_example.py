@@ -1,4 +1,4 @@
-"""The `safegrad train` command line the CLI tests share (fixtures: tests/cli/conftest.py)."""
+"""The `safegrad train` command line the CLI tests share (fixtures: tests/conftest.py)."""
 
 from __future__ import annotations
 
