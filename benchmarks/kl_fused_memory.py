@@ -44,6 +44,10 @@ VARIANTS = {
 }
 
 
+def _optional_path(text: str) -> Path | None:
+    return Path(text) if text else None
+
+
 def _loss_fn(variant: str, args: argparse.Namespace):
     """Inputs and a closure running one forward + backward; everything it allocates counts."""
     from safegrad_kernels.fused_losses import (
@@ -136,8 +140,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--csv", type=Path, default=RESULTS_DIR / "kl_fused_memory.csv")
-    p.add_argument("--md", type=Path, default=RESULTS_DIR / "kl_fused_memory.md")
+    # An empty value writes no file (Path("") would be the current directory).
+    p.add_argument(
+        "--csv", type=_optional_path, default=RESULTS_DIR / "kl_fused_memory.csv",
+        help="history CSV to append to ('' : none)",
+    )  # fmt: skip
+    p.add_argument(
+        "--md", type=_optional_path, default=RESULTS_DIR / "kl_fused_memory.md",
+        help="current table ('' : none)",
+    )  # fmt: skip
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return p
 

@@ -218,3 +218,12 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     rows = list(csv.DictReader(csv_path.open()))
     assert {r["section"] for r in rows} == {"ops", "step"}
     assert all(float(r["median_ms"]) > 0 for r in rows)
+
+
+def test_kl_fused_memory_empty_output_paths_write_nothing():
+    from benchmarks import kl_fused_memory
+
+    args = kl_fused_memory._parser().parse_args(["--md", "", "--csv", ""])
+    assert args.md is None and args.csv is None  # not Path(""), the current directory
+    defaults = kl_fused_memory._parser().parse_args([])
+    assert defaults.md.name == "kl_fused_memory.md" and defaults.csv.suffix == ".csv"
