@@ -844,7 +844,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         "--cost-study",
         action="store_true",
         help="issue 13's variants per config (sft, safegrad live/cache/every=4/cache+every=4, "
-        "sft and safegrad live/cache/cache+every=4 with +fused, alignment batch 1/2 and 1/4 "
+        "sft and safegrad live/cache/cache+every=4 with +fused, the top-64 store with and "
+        "without +fused, alignment batch 1/2 and 1/4 "
         "of the task batch) instead of --methods",
     )
     p.add_argument("--tiny", action="store_true", help="tiny config, 2 steps (smoke test)")

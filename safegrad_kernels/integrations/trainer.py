@@ -275,13 +275,13 @@ class SafeGradTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
         # -- alignment refresh (issue 13): the kept g_a carries its refresh step's loss scale
-        if self.method_settings.get("alignment_every", 1) > 1 and self.args.fp16:
+        every = self.method_settings.get("alignment_every", 1)
+        if every > 1 and self.args.fp16:
             raise ValueError(
                 "alignment_every > 1 with fp16 is not supported: the kept alignment "
                 "gradient would carry the loss scale of its refresh step while the task "
                 "gradient carries the current one; use bf16 or fp32, or alignment_every=1"
             )
-        every = self.method_settings.get("alignment_every", 1)
         if every > 1:
             logger.warning(
                 "alignment_every=%d: the alignment gradient of steps 0, %d, ... is kept for "

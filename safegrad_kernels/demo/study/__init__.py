@@ -162,10 +162,9 @@ def design_from(args: argparse.Namespace) -> Design:
         aspec = replace(aspec, **QUICK["align"])
         uspec = replace(uspec, **QUICK["user"])
     weights = QUICK_WEIGHTS if quick else DEFAULT_WEIGHTS
-    from ...surgery.methods import HYPERPARAMETERS, get_method
+    from ...surgery.methods import get_method
 
-    refresh = args.alignment_every or (QUICK_REFRESH if quick else DEFAULT_REFRESH)
-    refresh = [HYPERPARAMETERS["alignment_every"].validate(k) for k in refresh]
+    refresh = list(args.alignment_every or (QUICK_REFRESH if quick else DEFAULT_REFRESH))
     if refresh == [1]:
         refresh = ()  # only the grid's k = 1: no sweep
     return Design(
@@ -355,12 +354,17 @@ def _seconds(text: str) -> float:
 
 
 def _periods(text: str) -> list[int]:
+    """``--alignment-every``: comma-separated periods, each checked by the registry's rule."""
+    from ...surgery.methods import HYPERPARAMETERS
     from .. import _ints
 
     values = _ints(text)
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
-    return values
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    try:
+        return [HYPERPARAMETERS["alignment_every"].validate(k) for k in values]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -270,10 +270,10 @@ def refresh_conclusion(refresh: dict | None) -> list[str]:
             "Computing the alignment gradient only every k-th step degrades safety from "
             f"k = {k0}: HS is significantly higher than with every step at p = {where}; {bound}."
         )
-    kt = refresh.get("task_degrades_from")
+    kt = refresh["task_degrades_from"]
     if kt is None:
         return [sentence + " FA falls significantly at no k."]
-    where = _ps(p for p, row in rows if row["k"] == kt and row.get("fa_verdict") == "lower")
+    where = _ps(p for p, row in rows if row["k"] == kt and row["fa_verdict"] == "lower")
     dead = [(p, row) for p, row in rows if row["fa"]["mean"] < 0.05]
     broken = ""
     if dead:
@@ -307,7 +307,7 @@ def refresh_section(refresh: dict | None, design: dict) -> list[str]:
                 "-" if row["k"] == 1 else diff_text(row["d_hs"]),
                 "-" if row["k"] == 1 else diff_text(row["d_fa"]),
                 "-" if row["k"] == 1 else VERDICT_WORDS[row["verdict"]],
-                "-" if row["k"] == 1 else VERDICT_WORDS[row.get("fa_verdict", "n/a")],
+                "-" if row["k"] == 1 else VERDICT_WORDS[row["fa_verdict"]],
             ]
             for row in r["rows"]
         ]
