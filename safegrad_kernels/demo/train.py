@@ -257,7 +257,7 @@ def user_stage(
     so that a seed fixes the user batch order whatever the method (``safegrad study``).
     ``alignment_every``: SafeGrad's refresh period k (the registry's setting; the other
     methods ignore it): the safety batch is drawn and its gradient computed on steps
-    0, k, 2k, ... only.
+    0, 1, k, 2k, ... only (``SafeGrad.refresh_due``).
     """
     spec = registry.get_method(method)
     settings = {

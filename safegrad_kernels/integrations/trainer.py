@@ -184,14 +184,13 @@ class SafeGradTrainer(Trainer):
         surgery_backend: op backend for the surgeon (``None`` = auto).
         surgery_granularity: SafeGrad's ``"global"`` (the paper) or ``"per_tensor"``.
         alignment_every: SafeGrad's alignment refresh period k in optimizer steps: the
-            alignment pass (and its batches) runs on steps 0, k, 2k, ... only, the
-            surgeon keeps that g_a in between (N extra elements resident) and projects
+            alignment pass (and its batches) runs on steps 0, 1, k, 2k, ... only (step 1
+            too: step 0's g_a is zero when the model starts as its reference), the surgeon keeps that g_a in between (N extra elements resident) and projects
             each step's g_u against it; the kept g_a goes into checkpoints
             (``SURGEON_STATE_FILE``). 1 (default): every step. k > 1 is refused with
             fp16 (a dynamic loss scale) and under DeepSpeed, and logs a warning: in
             ``safegrad study`` (docs/study) k >= 4 lowered the task accuracy
-            significantly and k = 8 broke the fine-tuning down, and with a fresh adapter
-            the step-0 g_a is zero, so steps 0..k-1 run undefended.
+            significantly and k = 8 broke the fine-tuning down.
         cache_reference: the reference store (module docstring): ``True`` builds it,
             ``False`` recomputes the reference on every visit, ``None`` (default) builds an
             exact one when it fits ``REFERENCE_STORE_BUDGET`` (1 GiB) and
@@ -284,12 +283,11 @@ class SafeGradTrainer(Trainer):
             )
         if every > 1:
             logger.warning(
-                "alignment_every=%d: the alignment gradient of steps 0, %d, ... is kept for "
-                "%d steps. With a fresh adapter (the model equals its reference) step 0's is "
-                "zero, so steps 0-%d are not defended; in safegrad study (docs/study) k >= 4 "
-                "lowered the task accuracy significantly and k = 8 broke fine-tuning down. "
+                "alignment_every=%d: the alignment gradient of steps 0, 1, %d, %d, ... is "
+                "kept for up to %d steps; in safegrad study (docs/study) k >= 4 lowered the "
+                "task accuracy significantly and k = 8 broke fine-tuning down. "
                 "alignment_every=1 is the safe setting.",
-                every, every, every, every - 1,
+                every, every, 2 * every, every - 1,
             )  # fmt: skip
         # -- end alignment refresh
         if not any(p.requires_grad for p in self.model.parameters()):

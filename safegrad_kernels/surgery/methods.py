@@ -31,7 +31,7 @@ from torch import Tensor
 
 from ..ops.validate import check_scalar
 from .base import Surgeon, check_backend, check_choice, check_int
-from .safegrad import GRANULARITIES, SafeGrad
+from .safegrad import GRANULARITIES, SafeGrad, refreshes_before
 from .spf import MODES as SPF_MODES
 from .spf import SPF
 
@@ -275,7 +275,7 @@ METHODS: dict[str, Method] = {
             (RHO, SURGERY_GRANULARITY, ALIGNMENT_EVERY),
             alignment_loss="kl",
             surgeon=_safegrad,
-            alignment_steps=_refreshes_before("alignment_every"),
+            alignment_steps=lambda step, s: refreshes_before(step, s["alignment_every"]),
             partition_update="project",
         ),
         Method(

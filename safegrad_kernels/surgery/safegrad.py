@@ -13,9 +13,10 @@ coefficient never leaves the device.
 Alignment refresh (``alignment_every=k``): the alignment gradient costs a reference
 forward, an alignment forward and an alignment backward, about 1.3 SFT steps on the
 cpu-large benchmark shape (issue 13). With ``k > 1`` it is computed only on optimizer
-steps ``0, k, 2k, ...`` and kept in the surgeon between them; every step still computes
+steps ``0, 1, k, 2k, ...`` and kept in the surgeon between them; every step still computes
 its own coefficient ``c`` against its own ``g_u``, so only ``g_a`` is stale, never the
-projection.
+projection. Step 1 refreshes as well (``refresh_due``): step 0's g_a is zero when training
+starts from the reference model.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ..ops.validate import SUPPORTED_DTYPES, check_scalar
 from .base import Surgeon, check_backend, check_choice, check_int
 from .stats import SafeGradStats, safe_div
 
-__all__ = ["SafeGrad"]
+__all__ = ["SafeGrad", "refresh_due", "refreshes_before"]
 
 GRANULARITIES = ("global", "per_tensor")
 
@@ -42,6 +43,26 @@ def check_op_dtypes(params: tuple[Tensor, ...]) -> None:
         if p.dtype not in SUPPORTED_DTYPES:
             names = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
             raise TypeError(f"params[{i}] has dtype {p.dtype}; the fused ops support {names}")
+
+
+def refresh_due(step: int, every: int) -> bool:
+    """Whether optimizer step ``step`` refreshes g_a: steps 0, 1, k, 2k, ... (all for k = 1).
+
+    Step 1 is a refresh step too because step 0's g_a is exactly zero whenever training
+    starts from the reference model (a fresh LoRA adapter, or full fine-tuning from the
+    aligned checkpoint: the KL and its gradient vanish there). Kept for k steps, that
+    zero made steps 0..k-1 plain SFT; refreshing at step 1 costs one alignment pass a run.
+    The rule reads only the step counter, so it needs no host sync and a resumed run
+    (or ``Method.alignment_steps_before``) knows every refresh step in advance.
+    """
+    return step % every == 0 or step == 1
+
+
+def refreshes_before(step: int, every: int) -> int:
+    """How many of the steps ``0 .. step - 1`` are refresh steps (``refresh_due``)."""
+    if every == 1:
+        return step
+    return -(-step // every) + (step > 1)
 
 
 class SafeGrad(Surgeon):
@@ -66,7 +87,7 @@ class SafeGrad(Surgeon):
             (g_a is exactly 0 there). Default 1e-30, an underflow guard only (see below).
         granularity: ``"global"`` (one coefficient for all parameters) or ``"per_tensor"``.
         alignment_every: ``k >= 1``; ``g_a`` is wanted (``wants_reference``) on the steps
-            ``0, k, 2k, ...`` of this surgeon and reused in between (see below). ``1``:
+            ``0, 1, k, 2k, ...`` of this surgeon (``refresh_due``) and reused in between (see below). ``1``:
             every step, exactly the update without this option.
         backend: op backend (``None`` = auto, or ``"triton"``, ``"cpp"``, ``"torch"``).
 
@@ -130,7 +151,7 @@ class SafeGrad(Surgeon):
         self.backend = check_backend(backend)
         super().__init__(params, num_slots=1)
         check_op_dtypes(self.params)
-        self._step = 0  # steps taken: refresh steps are the multiples of alignment_every
+        self._step = 0  # steps taken: refresh_due(step, alignment_every) says which refresh
         # g_a of the last step that captured one (alignment_every > 1 only; else None).
         self._kept: list[Tensor | None] | None = None
 
@@ -146,7 +167,7 @@ class SafeGrad(Surgeon):
     @property
     def wants_reference(self) -> bool:
         """Whether this step is a refresh step (every step for ``alignment_every=1``)."""
-        return self._step % self.alignment_every == 0
+        return refresh_due(self._step, self.alignment_every)
 
     def step(self, *, allow_missing: bool = False) -> SafeGradStats:
         """Apply the update to every ``p.grad`` in place and consume the captured ``g_a``.

@@ -264,6 +264,7 @@ def test_refresh_report_says_from_which_k_safety_degrades():
 
 def test_demo_refresh_sweep_quick(tmp_path, monkeypatch):
     from safegrad_kernels.demo import add_arguments, run
+    from safegrad_kernels.surgery.safegrad import refreshes_before
 
     monkeypatch.setenv("SAFEGRAD_CACHE", str(tmp_path / "cache"))
     parser = argparse.ArgumentParser()
@@ -275,7 +276,8 @@ def test_demo_refresh_sweep_quick(tmp_path, monkeypatch):
     assert set(runs) == {"sft", "safegrad rho=1 k=1", "safegrad rho=1 k=3"}
     steps = runs["sft"]["steps"]
     assert runs["safegrad rho=1 k=1"]["alignment_passes"] == steps
-    assert runs["safegrad rho=1 k=3"]["alignment_passes"] == -(-steps // 3)
+    assert runs["safegrad rho=1 k=3"]["alignment_passes"] == refreshes_before(steps, 3)
+    assert refreshes_before(steps, 3) == -(-steps // 3) + 1  # 0, 3, 6, ... and step 1
     assert runs["sft"]["alignment_passes"] == 0 and runs["sft"]["alignment_every"] is None
     text = (out / "report.md").read_text()
     assert "## Alignment refresh" in text and "| 3 |" in text

@@ -408,22 +408,26 @@ def _trained_lora(trainer) -> dict[str, torch.Tensor]:
 
 def test_alignment_every_1_is_the_trainer_without_the_option(tmp_path):
     runs = []
-    for kw in ({}, {"alignment_every": 1}, {"alignment_every": 2}):
+    for kw in ({}, {"alignment_every": 1}, {"alignment_every": 3}):
         trainer = make_trainer(
             tmp_path, "safegrad", batch=2, accum=2, steps=3, n_train=12, lam=0.3, **kw
         )
         trainer.train()
         aligned = ["align_loss" in log for log in train_logs(trainer)]
         runs.append((_trained_lora(trainer), aligned, trainer.surgeon.state_dict()))
-    (plain, plain_aligned, plain_state), (one, one_aligned, one_state), (two, two_aligned, _) = runs
+    (
+        (plain, plain_aligned, plain_state),
+        (one, one_aligned, one_state),
+        (three, three_aligned, _),
+    ) = runs
     assert plain.keys() == one.keys() and plain
     assert all(torch.equal(plain[n], one[n]) for n in plain), "k=1 must be bit for bit"
     assert plain_aligned == one_aligned == [True, True, True]
     assert plain_state == one_state == {}  # nothing kept, no checkpoint file
-    # k = 2: the alignment pass (and its logged loss) only on steps 0 and 2 ...
-    assert two_aligned == [True, False, True]
-    # ... and step 1 projected against step 0's g_a: other weights.
-    assert any(not torch.equal(plain[n], two[n]) for n in plain)
+    # k = 3: the alignment pass (and its logged loss) only on steps 0 and 1 (of 0, 1, 3, ...)
+    assert three_aligned == [True, True, False]
+    # ... and step 2 projected against step 1's g_a: other weights.
+    assert any(not torch.equal(plain[n], three[n]) for n in plain)
 
 
 def test_alignment_every_draws_alignment_batches_only_on_refresh_steps(tmp_path):
@@ -439,7 +443,7 @@ def test_alignment_every_draws_alignment_batches_only_on_refresh_steps(tmp_path)
 
     trainer.alignment_schedule.next_batch = counting
     trainer.train()
-    assert drawn == [0, 0, 2, 2, 4, 4]  # two micro-batches on each refresh step
+    assert drawn == [0, 0, 1, 1, 2, 2, 4, 4]  # two micro-batches on each refresh step
     # The closed form that positions a resumed run's schedule counts the same draws.
     assert trainer._alignment_batches_consumed() == len(drawn)
 
@@ -450,7 +454,7 @@ def test_alignment_every_above_one_warns_with_the_evidence(tmp_path, caplog):
     assert "alignment_every" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="safegrad_kernels.integrations.trainer"):
         make_trainer(tmp_path, "safegrad", alignment_every=4)
-    assert "alignment_every=4" in caplog.text and "steps 0-3 are not defended" in caplog.text
+    assert "alignment_every=4" in caplog.text and "steps 0, 1, 4, 8" in caplog.text
     assert "docs/study" in caplog.text
 
 

@@ -197,6 +197,12 @@ def test_alignment_due_follows_the_surgeon():
     assert get_method("mixed").alignment_due(None)
     safegrad = get_method("safegrad")
     assert safegrad.alignment_due(safegrad.build_surgeon(ps))
+    surgeon = safegrad.build_surgeon(ps, {"alignment_every": 3})
+    due = []
+    for _ in range(7):
+        due.append(safegrad.alignment_due(surgeon))
+        random_step(surgeon, ps, capture=due[-1])
+    assert due == [True, True, False, True, False, False, True]  # 0, 1 and the multiples of 3
     spf = get_method("spf")
     surgeon = spf.build_surgeon(ps, {"spf_refresh_every": 2})
     due = []

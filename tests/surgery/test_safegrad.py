@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 
@@ -11,6 +12,7 @@ import torch
 from safegrad_kernels.ops import project_conflicting_
 from safegrad_kernels.ops.dispatch import available_backends
 from safegrad_kernels.surgery import SafeGrad
+from safegrad_kernels.surgery.safegrad import refresh_due, refreshes_before
 
 BACKENDS = [name for name, (ok, _) in available_backends("cpu").items() if ok]
 # The Triton interpreter costs about 0.5 s per step here; the op tests cover it in
@@ -413,7 +415,7 @@ def random_steps(n, shapes=SHAPES):
 
 
 @pytest.mark.parametrize("granularity", ["global", "per_tensor"])
-@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_alignment_every_projects_each_g_u_against_the_last_refresh(granularity, k):
     """k = 1 is the fresh-g_a update of every step; k > 1 reuses the g_a of steps 0, k, 2k."""
     backend = FAST_BACKENDS[0]
@@ -421,18 +423,19 @@ def test_alignment_every_projects_each_g_u_against_the_last_refresh(granularity,
     gus, gas = random_steps(7)
     surgeon = SafeGrad(params, granularity=granularity, alignment_every=k, backend=backend)
     got, wanted = refresh_run(surgeon, params, gus, gas)
-    assert wanted == [step % k == 0 for step in range(7)]
+    refreshes = [step for step in range(7) if step % k == 0 or step == 1]
+    assert wanted == [step in refreshes for step in range(7)]
     for step, (gu, grads) in enumerate(zip(gus, got)):
-        ga = gas[step - step % k]
+        ga = gas[max(r for r in refreshes if r <= step)]
         expected = [g.clone() for g in gu]
         project_conflicting_(
             expected, ga, rho=1.0, per_tensor=granularity == "per_tensor", backend=backend
         )
         assert all(torch.equal(a, b) for a, b in zip(grads, expected)), step
-    if k > 1:  # the choice of g_a matters on these steps: a fresh one gives another update
-        fresh = [g.clone() for g in gus[1]]
-        project_conflicting_(fresh, gas[1], rho=1.0, backend=backend)
-        assert not all(torch.equal(a, b) for a, b in zip(got[1], fresh))
+    if k > 2:  # the choice of g_a matters on these steps: a fresh one gives another update
+        fresh = [g.clone() for g in gus[2]]
+        project_conflicting_(fresh, gas[2], rho=1.0, backend=backend)
+        assert not all(torch.equal(a, b) for a, b in zip(got[2], fresh))
 
 
 def test_alignment_every_1_equals_the_surgeon_without_the_option():
@@ -449,38 +452,41 @@ def test_alignment_every_1_equals_the_surgeon_without_the_option():
 
 def test_kept_reference_counts_as_found_only_between_refreshes():
     model = MLP()
-    surgeon = SafeGrad(model.parameters(), alignment_every=2)
+    surgeon = SafeGrad(model.parameters(), alignment_every=3)
     x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
     model.task_loss(x, y).backward()
     with pytest.raises(RuntimeError, match="no captured reference"):
         surgeon.step()  # step 0: a refresh step, nothing kept yet
-    with surgeon.reference():
-        model.align_loss(x).backward()
-    surgeon.step()
+    for _ in range(2):  # steps 0 and 1 refresh
+        assert surgeon.wants_reference
+        with surgeon.reference():
+            model.align_loss(x).backward()
+        surgeon.step()
+        model.zero_grad(set_to_none=True)
+        model.task_loss(x, y).backward()
     assert not surgeon.wants_reference and not surgeon.has_reference
-    model.zero_grad(set_to_none=True)
-    model.task_loss(x, y).backward()
-    stats = surgeon.step()  # step 1: the kept g_a, found
+    stats = surgeon.step()  # step 2: the kept g_a, found
     assert float(stats.ref_norm_sq) > 0
     assert surgeon.wants_reference
     model.zero_grad(set_to_none=True)
     model.task_loss(x, y).backward()
     before = [p.grad.clone() for p in model.parameters()]
     with pytest.raises(RuntimeError, match="no captured reference"):
-        surgeon.step()  # step 2: a missed refresh is not covered by the kept g_a
+        surgeon.step()  # step 3: a missed refresh is not covered by the kept g_a
     assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before))
 
 
 def test_capture_off_schedule_is_used_and_kept():
     params = [torch.randn(s, requires_grad=True) for s in SHAPES]
-    surgeon = SafeGrad(params, alignment_every=3, backend=FAST_BACKENDS[0])
-    (gu0, gu1, gu2), (ga0, ga1, _) = random_steps(3)
-    for gu, ga in ((gu0, ga0), (gu1, ga1), (gu2, None)):  # step 1 captures although not due
+    surgeon = SafeGrad(params, alignment_every=4, backend=FAST_BACKENDS[0])
+    (gu0, gu1, gu2, gu3), (ga0, ga1, ga2, _) = random_steps(4)
+    # step 2 captures although not due (steps 0, 1, 4, ... are)
+    for gu, ga in ((gu0, ga0), (gu1, ga1), (gu2, ga2), (gu3, None)):
         refresh_step(surgeon, params, gu, ga)
-    expected = [g.clone() for g in gu2]
-    project_conflicting_(expected, ga1, rho=1.0, backend=FAST_BACKENDS[0])
+    expected = [g.clone() for g in gu3]
+    project_conflicting_(expected, ga2, rho=1.0, backend=FAST_BACKENDS[0])
     assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
-    assert surgeon.wants_reference  # step 3: the schedule did not move
+    assert surgeon.wants_reference  # step 4: the schedule did not move
 
 
 @pytest.mark.parametrize("granularity", ["global", "per_tensor"])
@@ -529,14 +535,62 @@ def test_load_state_dict_checks_before_setting():
 
 def test_step_on_the_kept_reference_never_syncs(forbid_host_sync):
     model = MLP()
-    surgeon = SafeGrad(model.parameters(), alignment_every=2)
+    surgeon = SafeGrad(model.parameters(), alignment_every=3)
     x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
-    with surgeon.reference():
-        model.align_loss(x).backward()
-    model.task_loss(x, y).backward()
-    surgeon.step()
-    model.zero_grad(set_to_none=True)
+    for _ in range(2):  # the refresh steps 0 and 1
+        with surgeon.reference():
+            model.align_loss(x).backward()
+        model.task_loss(x, y).backward()
+        surgeon.step()
+        model.zero_grad(set_to_none=True)
     model.task_loss(x, y).backward()
     with forbid_host_sync():
         assert not surgeon.wants_reference
         surgeon.step()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 7])
+def test_refreshes_before_counts_refresh_due(k):
+    """The closed form (exact resume) equals counting the rule step by step."""
+    due = [refresh_due(step, k) for step in range(40)]
+    assert due[0] and due[1]  # step 1 too: step 0's g_a is zero from the reference model
+    assert [refreshes_before(step, k) for step in range(41)] == [
+        sum(due[:step]) for step in range(41)
+    ]
+
+
+def test_step_one_refresh_defends_a_fresh_adapter():
+    """From the reference model step 0's KL gradient vanishes; k > 1 must not keep that zero.
+
+    The trainable model starts equal to its frozen reference (a fresh adapter, or full
+    fine-tuning from the aligned checkpoint); step 1, after one update, refreshes g_a.
+    """
+    torch.manual_seed(0)
+    model = MLP()
+    reference = copy.deepcopy(model).requires_grad_(False)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+
+    def kl() -> torch.Tensor:
+        return torch.nn.functional.kl_div(
+            model.net(x).log_softmax(-1),
+            reference.net(x).log_softmax(-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+
+    surgeon = SafeGrad(model.parameters(), alignment_every=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_norms, wanted = [], []
+    for _ in range(3):
+        wanted.append(surgeon.wants_reference)
+        if wanted[-1]:
+            with surgeon.reference():
+                kl().backward()
+        model.task_loss(x, y).backward()
+        ref_norms.append(float(surgeon.step().ref_norm_sq))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert wanted == [True, True, False]
+    assert ref_norms[0] < 1e-12  # zero up to rounding: nothing to defend with at step 0
+    assert ref_norms[1] > 1e-6  # refreshed after one update: a real alignment signal ...
+    assert ref_norms[2] == ref_norms[1]  # ... kept for step 2
