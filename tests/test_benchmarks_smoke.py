@@ -80,8 +80,8 @@ def test_bench_step_variants_use_the_trainer_mechanisms(monkeypatch):
     monkeypatch.setattr(safegrad_kernels.losses, "reference_logits", no_reference_forward)
     for _ in range(5):
         runner.step()
-    assert runner.alignment_passes == 3  # steps 0, 2, 4
-    assert len(reads) == 3  # ... read on every alignment pass, never recomputed
+    assert runner.alignment_passes == 4  # steps 0, 1, 2, 4 (SafeGrad.refresh_due)
+    assert len(reads) == 4  # ... read on every alignment pass, never recomputed
     # +topk=K is the trainer's reference_top_k=K store.
     topk = bench_step.StepRunner("tiny", "safegrad+topk=4+cache", seed=0)
     assert topk.variant.label == "safegrad+cache+topk=4"

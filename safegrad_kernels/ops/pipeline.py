@@ -119,6 +119,8 @@ def _gram(backend: Backend, lists: list[list[Tensor]]) -> Tensor:
 
 def total(rows: Tensor) -> Tensor:
     """Fixed-order sum over the first dim, accumulated in float64, returned as float32."""
+    if rows.shape[0] == 1 and rows.dtype == torch.float32:  # e.g. one flat buffer: exact
+        return rows[0]
     return rows.to(torch.float64).sum(0).to(torch.float32)
 
 
@@ -135,8 +137,9 @@ def coefficients(sums: Tensor, rho: float, eps: float) -> tuple[Tensor, Tensor]:
     dot, rr, _ = sums.unbind(-1)
     finite = torch.isfinite(sums).all(-1)
     conflict = (dot < 0) & (rr > eps) & finite
-    # rr is only a divisor where it is > eps >= 0; elsewhere divide by 1 to avoid 0/0.
-    c = torch.where(conflict, dot / torch.where(conflict, rr, 1.0), 0.0)
+    # Where rr <= eps the quotient may be inf or nan; where() discards it (no error, no
+    # gradient flows here), so it needs no guarded divisor.
+    c = torch.where(conflict, dot / rr, 0.0)
     a = torch.where(finite, rho - c, 0.0)
     return c, a
 

@@ -30,8 +30,8 @@ from torch import Tensor
 
 from ..ops import dot_norms, project_conflicting_
 from ..ops.validate import SUPPORTED_DTYPES, check_scalar
-from .base import Surgeon, check_backend, check_choice, check_int
-from .stats import SafeGradStats, safe_div
+from .base import FlatBuffers, Surgeon, _check_params, check_backend, check_choice, check_int
+from .stats import SafeGradStats
 
 __all__ = ["SafeGrad", "refresh_due", "refreshes_before"]
 
@@ -90,6 +90,15 @@ class SafeGrad(Surgeon):
             ``0, 1, k, 2k, ...`` of this surgeon (``refresh_due``) and reused in between (see below). ``1``:
             every step, exactly the update without this option.
         backend: op backend (``None`` = auto, or ``"triton"``, ``"cpp"``, ``"torch"``).
+        flat_grads: keep ``g_u`` and ``g_a`` in flat per-dtype buffers owned by the
+            surgeon, ``p.grad`` being views (``Surgeon``'s docstring): a step's host time
+            no longer grows with the tensor count (issue 14: the GPU would otherwise wait
+            on Python), at N resident elements per kept buffer. Zero with
+            ``surgeon.zero_grad()`` or ``optimizer.zero_grad(set_to_none=False)``; other
+            zeroing is repaired at the step by a copy. Every parameter then gets a
+            gradient (a missing one counts as zero). ``"global"`` granularity only (the
+            per-tensor sums need the tensors apart); same update to rounding (one flat
+            sum instead of per-tensor sums in a fixed order).
 
     Alignment refresh (``alignment_every = k > 1``): on a refresh step the captured
     ``g_a`` is used and then *kept* (the capture buffers themselves, no copy); a step
@@ -143,13 +152,22 @@ class SafeGrad(Surgeon):
         granularity: str = "global",
         alignment_every: int = 1,
         backend: str | None = None,
+        flat_grads: bool = False,
     ) -> None:
         self.rho = check_scalar("rho", rho)
         self.eps = check_scalar("eps", eps)
         self.granularity = check_choice("granularity", granularity, GRANULARITIES)
         self.alignment_every = check_int("alignment_every", alignment_every, minimum=1)
         self.backend = check_backend(backend)
-        super().__init__(params, num_slots=1)
+        if flat_grads and self.granularity != "global":
+            raise ValueError(
+                "flat_grads=True needs granularity='global' (per-tensor sums need the "
+                f"tensors apart), got granularity={self.granularity!r}"
+            )
+        if flat_grads:  # before the buffers are allocated and p.grad becomes their views
+            params = _check_params(params)
+            check_op_dtypes(params)
+        super().__init__(params, num_slots=1, flat_grads=flat_grads)
         check_op_dtypes(self.params)
         self._step = 0  # steps taken: refresh_due(step, alignment_every) says which refresh
         # g_a of the last step that captured one (alignment_every > 1 only; else None).
@@ -190,6 +208,8 @@ class SafeGrad(Surgeon):
             source = self._peek(0)
         else:
             source = self._kept
+        if self.flat_grads:
+            return self._flat_step(source, fresh, allow_missing)
         grads, refs, paired = [], [], []
         allocated: list[tuple[Tensor, Tensor]] = []
         unpaired: list[int] = []  # task gradient, no alignment gradient
@@ -235,6 +255,28 @@ class SafeGrad(Surgeon):
         dot, rr, gg, coef = out.unbind(0)
         if lone_sq is not None:
             gg = gg + lone_sq.sum()
+        return self._stats(dot, rr, gg, coef)
+
+    def _flat_step(
+        self, source: list[Tensor | None], fresh: bool, allow_missing: bool
+    ) -> SafeGradStats:
+        """``step()`` on the flat buffers: one tensor per dtype reaches the op."""
+        refs = self._flats_of(source)
+        grads, found = self._flat_task()
+        self._check_found(task=found, reference=refs is not None, allow_missing=allow_missing)
+        if found and refs is not None:
+            out = project_conflicting_(
+                grads, refs, rho=self.rho, eps=self.eps, per_tensor=False, backend=self.backend
+            )
+            dot, rr, gg, coef = out.unbind(0)
+        else:  # allow_missing: nothing to pair, the task gradients stay as they are
+            zero = torch.zeros((), dtype=torch.float32, device=self.device)
+            gg = dot_norms(grads, grads, backend=self.backend)[2] if found else zero
+            dot = rr = coef = zero
+        taken = self._take(0, keep=self.alignment_every > 1 and fresh)
+        if self.alignment_every > 1 and fresh:
+            self._kept = taken
+        self._step += 1
         return self._stats(dot, rr, gg, coef)
 
     def state_dict(self) -> dict[str, Any]:
@@ -283,19 +325,16 @@ class SafeGrad(Surgeon):
                         f"{tuple(p.shape)}"
                     )
             kept = [None if t is None else t.to(p.device) for p, t in zip(self.params, kept)]
+            if self.flat_grads:  # into buffers of its own, as a capture would leave it
+                store = FlatBuffers(self.params)
+                for v, t in zip(store.views, kept):
+                    if t is not None:
+                        v.copy_(t)
+                self._spares[0], kept = store, store.views
         self._step, self._kept = step, kept
 
     def _stats(self, dot: Tensor, rr: Tensor, gg: Tensor, coef: Tensor) -> SafeGradStats:
-        return SafeGradStats(
-            dot=dot,
-            ref_norm_sq=rr,
-            grad_norm_sq=gg,
-            cosine=safe_div(dot, (rr * gg).sqrt()),
-            coef=coef,
-            # The op sets coef = dot / ||r||^2 < 0 exactly where it projects and 0
-            # elsewhere, so this is its rule (dot < 0, ||r||^2 > eps, finite sums) in one op.
-            conflict=coef != 0,
-        )
+        return SafeGradStats(dot=dot, ref_norm_sq=rr, grad_norm_sq=gg, coef=coef)
 
     def _per_tensor_stats(
         self, out: Tensor, paired: list[int], unpaired: list[int], lone_sq: Tensor | None
@@ -317,8 +356,6 @@ class SafeGrad(Surgeon):
             dot=dot,
             ref_norm_sq=rr,
             grad_norm_sq=gg,
-            cosine=safe_div(dot, (rr * gg).sqrt()),
             coef=rows[:, 3],
-            conflict=rows[:, 3] != 0,  # see _stats
             rows=rows,
         )

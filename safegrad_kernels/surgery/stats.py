@@ -9,6 +9,7 @@ logging steps) or when the caller converts a field itself (``float(stats.cosine)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -49,15 +50,25 @@ class SafeGradStats(SurgeryStats):
     ``rows`` is the ``[n, 4]`` table ``[dot, ref_norm_sq, grad_norm_sq, coef]``.
     The update was ``g_u <- g_u - coef * g_a + rho * g_a``; ``conflict`` is where
     ``coef != 0`` was used (``dot < 0``, ``||g_a||^2 > eps``, all sums finite).
+    ``cosine`` and ``conflict`` are derived on first access (a step that nobody logs
+    launches no kernel for them: issue 14's host budget).
     """
 
     dot: Tensor
     ref_norm_sq: Tensor
     grad_norm_sq: Tensor
-    cosine: Tensor
     coef: Tensor
-    conflict: Tensor
     rows: Tensor | None = None
+
+    @cached_property
+    def cosine(self) -> Tensor:
+        return safe_div(self.dot, (self.ref_norm_sq * self.grad_norm_sq).sqrt())
+
+    @cached_property
+    def conflict(self) -> Tensor:
+        # The op sets coef = dot / ||r||^2 < 0 exactly where it projects and 0
+        # elsewhere, so this is its rule (dot < 0, ||r||^2 > eps, finite sums) in one op.
+        return self.coef != 0
 
     def scalars(self) -> dict[str, Tensor]:
         # per_tensor: the mean coefficient and the fraction of tensors in conflict.
