@@ -200,7 +200,7 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(capsys):
     assert "no CUDA device" in capsys.readouterr().out
     assert gpu_check.main(["--dry-run"]) == 0
     plan = capsys.readouterr().out
-    for stage in ("tests", "ops", "launches", "step"):
+    for stage in ("tests", "ops", "launches", "overhead", "step"):
         assert stage in plan
     assert "8 minutes" in plan
 
@@ -209,14 +209,15 @@ def test_gpu_check_plumbing_on_cpu(tmp_path):
     # The stages' report and CSV writing, in tiny sizes on CPU (no GPU may ever be here).
     from benchmarks import gpu_check
 
-    assert gpu_check.main(["--self-test", "--only", "ops,step", "--out", str(tmp_path)]) == 0
+    argv = ["--self-test", "--only", "ops,overhead,step", "--out", str(tmp_path)]
+    assert gpu_check.main(argv) == 0
     (md,) = tmp_path.glob("gpu-*.md")
     text = md.read_text()
     assert "## Verdicts" in text and "tiny fp32 project_conflicting_ conflict" in text
-    assert "step safegrad / sft" in text
+    assert "step safegrad / sft" in text and "host overhead step" in text
     (csv_path,) = tmp_path.glob("gpu-*.csv")
     rows = list(csv.DictReader(csv_path.open()))
-    assert {r["section"] for r in rows} == {"ops", "step"}
+    assert {r["section"] for r in rows} == {"ops", "overhead", "step"}
     assert all(float(r["median_ms"]) > 0 for r in rows)
 
 
@@ -227,3 +228,17 @@ def test_kl_fused_memory_empty_output_paths_write_nothing():
     assert args.md is None and args.csv is None  # not Path(""), the current directory
     defaults = kl_fused_memory._parser().parse_args([])
     assert defaults.md.name == "kl_fused_memory.md" and defaults.csv.suffix == ".csv"
+
+
+def test_bench_overhead_times_both_layouts(capsys):
+    from benchmarks import bench_overhead
+
+    rows = bench_overhead.main(["--counts", "3,17", "--backends", "cpp,torch", "--repeats", "3"])
+    assert [(r["backend"], r["n"]) for r in rows] == [
+        (b, n) for b in ("cpp", "torch") for n in (3, 17)
+    ]
+    for row in rows:
+        for stage in ("step", "flat step", "flat reference() ctx", "flat zero_grad()"):
+            assert row[stage] > 0, stage
+    out = capsys.readouterr().out
+    assert "flat_grads step" in out and "default step" in out and "target" in out

@@ -10,25 +10,31 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import device_backend_params
 
 from safegrad_kernels.ops.dispatch import available_backends
 from safegrad_kernels.surgery import SafeGrad
 
-BACKENDS = available_backends("cpu")
+DEVICE_BACKENDS = device_backend_params(
+    lambda device: [name for name, (ok, _) in available_backends(device).items() if ok]
+)
 DTYPES = (torch.float32, torch.bfloat16, torch.float32, torch.float16, torch.bfloat16)
 SHAPES = [(7, 3), (13,), (0,), (5, 2, 3), (1,)]
 # Rounding of the two summation orders, in the gradients' dtypes.
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def make_params(dtypes=DTYPES, shapes=SHAPES, seed=0):
+def make_params(dtypes=DTYPES, shapes=SHAPES, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(d)) for s, d in zip(shapes, dtypes)]
+    return [
+        torch.nn.Parameter(torch.randn(s, generator=gen).to(device, d))
+        for s, d in zip(shapes, dtypes)
+    ]
 
 
 def backward_into(params, values, *, create_graph=False):
     """Autograd accumulates exactly ``values`` into the params' gradients (d/dp <p, v>)."""
-    loss = sum((p * v.to(p.dtype)).sum() for p, v in zip(params, values))
+    loss = sum((p * v.to(p)).sum() for p, v in zip(params, values))
     loss.backward(create_graph=create_graph)
 
 
@@ -77,11 +83,11 @@ def zero_in_place(surgeon, params):
     torch.optim.SGD(params, lr=0.0).zero_grad(set_to_none=False)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("zero", [zero_surgeon, zero_in_place, zero_none])
 @pytest.mark.parametrize("k", [1, 3])
-def test_flat_equals_the_default_surgeon(backend, zero, k):
-    plain, flat = make_params(), make_params()
+def test_flat_equals_the_default_surgeon(device, backend, zero, k):
+    plain, flat = make_params(device=device), make_params(device=device)
     due = None if k == 1 else (lambda step, s: s.wants_reference)
     want, want_stats = run(
         SafeGrad(plain, alignment_every=k, backend=backend), plain, 7, zero=zero_none,
