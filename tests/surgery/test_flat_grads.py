@@ -246,3 +246,20 @@ def test_the_fast_path_never_syncs(forbid_host_sync):
             backward_into(params, gu)
             surgeon.step()
             surgeon.zero_grad()
+
+
+def test_a_parameter_of_another_shape_is_refused_not_broadcast():
+    """A param whose data was swapped for another shape (stale surgeon) must not pass.
+
+    Its new gradient (shape (1,)) would broadcast into the old (3,)-shaped view; torch's
+    own check on assigning ``p.grad`` refuses it before the op runs.
+    """
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))]
+    surgeon = SafeGrad(params, flat_grads=True)
+    with surgeon.reference():
+        backward_into(params, [torch.ones(3), torch.ones(4)])
+    params[0].data = torch.randn(1)
+    params[0].grad = None
+    backward_into(params, [torch.ones(1), -torch.ones(4)])
+    with pytest.raises(RuntimeError, match="same size"):
+        surgeon.step()
