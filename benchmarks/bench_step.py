@@ -445,11 +445,10 @@ class StepRunner:
         labels = batch["labels"]
         if not self.variant.fused:
             return response_ce(self.model(**model_inputs(batch)).logits, labels)
-        from safegrad_kernels.fused_losses import fused_linear_cross_entropy
-        from safegrad_kernels.integrations.trainer import SafeGradTrainer
+        from safegrad_kernels.fused_losses import fused_linear_cross_entropy, rows_without_sync
 
         hidden, weight, bias = self._head(batch)
-        rows = SafeGradTrainer._fused_rows(labels, None, "response")
+        rows = rows_without_sync(labels, None, "response")
         return fused_linear_cross_entropy(hidden, weight, labels, bias=bias, rows=rows)
 
     def alignment_reference(self, which: int) -> torch.Tensor | ReferenceLogProbs | None:
@@ -480,6 +479,7 @@ class StepRunner:
             fused_linear_cross_entropy,
             fused_linear_kl,
             kl_from_reference,
+            rows_without_sync,
         )
         from safegrad_kernels.losses import kl_alignment_loss
 
@@ -493,12 +493,11 @@ class StepRunner:
             if self.store is not None:
                 return kl_from_reference(logits, reference, labels)
             return kl_alignment_loss(logits, reference, labels)
-        from safegrad_kernels.integrations.trainer import SafeGradTrainer
 
         hidden, weight, bias = self._head(batch)
         if kl and self.store is not None:  # the stored reference carries its rows
             return fused_linear_kl(hidden, weight, labels, reference, bias=bias)
-        rows = SafeGradTrainer._fused_rows(labels, self.align_host_labels[which], "response")
+        rows = rows_without_sync(labels, self.align_host_labels[which], "response")
         if not kl:
             return fused_linear_cross_entropy(hidden, weight, labels, bias=bias, rows=rows)
         return fused_linear_kl(hidden, weight, labels, reference, bias=bias, rows=rows)

@@ -52,6 +52,7 @@ __all__ = [
     "fused_linear_kl",
     "kl_from_reference",
     "loss_rows",
+    "rows_without_sync",
 ]
 
 # Bytes of one chunk's [rows, V] temporaries when memory_budget is None. Measured with
@@ -475,6 +476,22 @@ def loss_rows(
         return torch.arange(labels.numel(), device=labels.device)
     weights = _position_weights(labels, positions, ignore_index).reshape(-1)
     return weights.nonzero().squeeze(-1)
+
+
+def rows_without_sync(
+    labels: Tensor, host_labels: Tensor | None, positions: Positions = "response"
+) -> Tensor | None:
+    """The ``rows`` argument for a fused loss that keeps it free of host syncs.
+
+    With host-side labels, the exact rows (``loss_rows`` on them). With device labels
+    alone, every row (rows that do not count weigh 0), since finding them there would
+    sync; ``None`` for CPU labels, where the loss finds them itself at no such cost.
+    """
+    if host_labels is not None:
+        return loss_rows(host_labels, positions)
+    if labels.device.type == "cpu":
+        return None
+    return torch.arange(labels.numel(), device=labels.device)
 
 
 def _prepare(

@@ -163,10 +163,11 @@ def test_bench_step_fused_variants_never_materialise_the_logits():
             hook.remove()
     assert set(positions["sft"]) == {seq}  # the logits path: [B, T, V] logits
     # +fused: only fused_head's one position per forward reaches the head (task, live
-    # reference and alignment forwards on both steps; every=2 aligns on the first only).
+    # reference and alignment forwards on both steps; the store has no reference forward,
+    # and every=2 aligns on both, since steps 0 and 1 refresh: SafeGrad.refresh_due).
     assert positions["sft+fused"] == [1, 1]
     assert positions["safegrad+fused"] == [1] * 6
-    assert positions["safegrad+cache+every=2+fused"] == [1] * 3
+    assert positions["safegrad+cache+every=2+fused"] == [1] * 4
     with pytest.raises(ValueError, match="fused_loss"):
         bench_step.parse_variant("authors+fused")
     assert bench_step.parse_variant("safegrad+fused+cache").label == "safegrad+cache+fused"

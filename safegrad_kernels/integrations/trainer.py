@@ -97,7 +97,12 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from ..compat import numpy_rng_state_globals
-from ..fused_losses import fused_linear_cross_entropy, fused_linear_kl, kl_from_reference, loss_rows
+from ..fused_losses import (
+    fused_linear_cross_entropy,
+    fused_linear_kl,
+    kl_from_reference,
+    rows_without_sync,
+)
 from ..losses import (
     kl_alignment_loss,
     model_inputs,
@@ -185,7 +190,8 @@ class SafeGradTrainer(Trainer):
         surgery_granularity: SafeGrad's ``"global"`` (the paper) or ``"per_tensor"``.
         alignment_every: SafeGrad's alignment refresh period k in optimizer steps: the
             alignment pass (and its batches) runs on steps 0, 1, k, 2k, ... only (step 1
-            too: step 0's g_a is zero when the model starts as its reference), the surgeon keeps that g_a in between (N extra elements resident) and projects
+            too: step 0's g_a is zero when the model starts as its reference), the
+            surgeon keeps that g_a in between (N extra elements resident) and projects
             each step's g_u against it; the kept g_a goes into checkpoints
             (``SURGEON_STATE_FILE``). 1 (default): every step. k > 1 is refused with
             fp16 (a dynamic loss scale) and under DeepSpeed, and logs a warning: in
@@ -454,7 +460,7 @@ class SafeGradTrainer(Trainer):
             head = self._fused_head(model, batch)
             if head is not None:
                 hidden, weight, bias = head
-                rows = self._fused_rows(labels, host_labels, "response")
+                rows = rows_without_sync(labels, host_labels, "response")
                 return fused_linear_cross_entropy(
                     hidden, weight, labels, bias=bias, num_items_in_batch=count, rows=rows
                 )
@@ -658,16 +664,6 @@ class SafeGradTrainer(Trainer):
             self._fused_loss = self._fused_task_loss = False
         return head
 
-    @staticmethod
-    def _fused_rows(labels: Tensor, host_labels: Tensor | None, positions: str) -> Tensor | None:
-        # Host labels: the exact rows, found on the host. Device labels alone: every row
-        # (those that do not count weigh 0), since finding them there is a host sync.
-        if host_labels is not None:
-            return loss_rows(host_labels, positions)
-        if labels.device.type == "cpu":
-            return None
-        return torch.arange(labels.numel(), device=labels.device)
-
     def _kl_alignment_loss(
         self,
         model: nn.Module,
@@ -696,7 +692,7 @@ class SafeGradTrainer(Trainer):
             head = self._fused_head(model, batch) if ref_head is not None else None
             if head is not None:
                 hidden, weight, bias = head
-                rows = self._fused_rows(labels, host_labels, self.kl_positions)
+                rows = rows_without_sync(labels, host_labels, self.kl_positions)
                 return fused_linear_kl(
                     hidden, weight, labels, ref_head[0], bias=bias, rows=rows, **settings
                 )
@@ -737,7 +733,7 @@ class SafeGradTrainer(Trainer):
             labels,
             bias=bias,
             num_items_in_batch=num_items_in_batch if step_count else None,
-            rows=self._fused_rows(labels, None, "response"),
+            rows=rows_without_sync(labels, None, "response"),
         )
         if step_count and self.args.average_tokens_across_devices:
             # The Trainer's own factor: the gradient all-reduce averages over the processes.
