@@ -278,7 +278,7 @@ def test_alignment_refresh_resumes_exactly(world, tmp_path):
     assert not differs, differs
     state = json.loads((cut / "trainer_state.json").read_text())
     aligned = [row["step"] for row in state["log_history"] if "align_loss" in row]
-    assert aligned == [1, 3, 5]  # optimizer steps 0, 2, 4 (the log counts from 1)
+    assert aligned == [1, 2, 3, 5]  # optimizer steps 0, 1, 2, 4 (the log counts from 1)
 
 
 def test_alignment_every_default_is_the_registry_default():
