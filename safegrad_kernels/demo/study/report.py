@@ -293,8 +293,8 @@ def refresh_section(refresh: dict | None, design: dict) -> list[str]:
         return ["Not run (`--alignment-every 1`: no sweep).", ""]
     lines = [
         f"SafeGrad at rho = {design['refresh_rho']:g} (its default) with the alignment gradient "
-        "computed on every k-th optimizer step and kept in between (the coefficient is "
-        "recomputed every step); k = 1 is the grid's own run, and every k uses the same paired "
+        "computed on optimizer steps 0, 1, k, 2k, ... (step 1 too: a fresh adapter's step-0 "
+        "g_a is zero) and kept in between (the coefficient is recomputed every step); k = 1 is the grid's own run, and every k uses the same paired "
         "seeds. Δ: paired difference to k = 1.",
         "",
     ]
