@@ -34,7 +34,7 @@ def python_blocks() -> list[str]:
 
 def test_readme_training_step_example_runs_and_updates_the_gradients(capsys):
     blocks = python_blocks()
-    assert len(blocks) == 3, "README.md's Python examples changed: update this test"
+    assert len(blocks) == 4, "README.md's Python examples changed: update this test"
     model = tiny_peft_model()
     examples = toy_examples(8)
     micro_batches = [
@@ -54,6 +54,24 @@ def test_readme_training_step_example_runs_and_updates_the_gradients(capsys):
     assert "cosine" in capsys.readouterr().out
 
 
+def test_readme_flat_grads_example_runs_and_keeps_the_views():
+    model = tiny_peft_model()
+    examples = toy_examples(8)
+    micro_batches = [
+        (collate(examples[i : i + 2]), collate(examples[i + 4 : i + 6])) for i in (0, 2)
+    ]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    namespace = {"model": model, "micro_batches": micro_batches, "optimizer": optimizer}
+    blocks = python_blocks()
+    exec(compile(blocks[0], str(README), "exec"), namespace)  # its imports; one step
+    namespace["optimizer"].zero_grad(set_to_none=True)
+    exec(compile(blocks[1], str(README), "exec"), namespace)
+    surgeon, stats = namespace["surgeon"], namespace["stats"].to_dict()
+    assert surgeon.flat_grads and stats["ref_norm_sq"] > 0 and stats["grad_norm_sq"] > 0
+    assert all(p.grad is v for p, v in zip(surgeon.params, surgeon._task.views))
+    assert all(not p.grad.any() for p in surgeon.params)  # zeroed in place
+
+
 def test_readme_trainer_example_runs_and_logs_surgery(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the example writes to runs/safegrad
     namespace = {
@@ -62,7 +80,7 @@ def test_readme_trainer_example_runs_and_logs_surgery(tmp_path, monkeypatch):
         "align_ds": toy_examples(8, seed=1),
         "collator": collate,
     }
-    exec(compile(python_blocks()[1], str(README), "exec"), namespace)
+    exec(compile(python_blocks()[2], str(README), "exec"), namespace)
     logs = [row for row in namespace["trainer"].state.log_history if "loss" in row]
     assert len(logs) == 6  # 3 epochs (the default) x 8 examples / (2 x 2 accumulated)
     assert all("surgery/cosine" in row and "align_loss" in row for row in logs)
