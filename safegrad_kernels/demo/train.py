@@ -81,6 +81,9 @@ class RunLog:
     surgery_seconds: float = 0.0  # time inside the surgery call itself (step/dot_norms)
     stats: list[dict] = field(default_factory=list)
     alignment_passes: int = 0  # steps that computed the safety gradient
+    # A top-k reference store's reference mass outside the top k (largest, mean over its
+    # rows): what its KL error bound is made of (``reference_store``); None otherwise.
+    tail_mass: tuple[float, float] | None = None
 
     def summary(self) -> dict:
         """Timings and conflict statistics over the steps that had an alignment signal.
@@ -101,6 +104,7 @@ class RunLog:
             "projection_coef": _mean([s["coef"] for s in live if "coef" in s]),
             "stat_steps": len(live),
             "alignment_passes": self.alignment_passes,
+            "reference_tail_mass": None if self.tail_mass is None else list(self.tail_mass),
         }
 
 
@@ -126,7 +130,7 @@ def _batches(data: dict[str, torch.Tensor], batch_size: int, gen: torch.Generato
 
 def _take(data: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
     width = int(data["attention_mask"][idx].sum(1).max())
-    return {k: v[idx, :width] for k, v in data.items()}
+    return {k: v[idx, :width] if v.dim() > 1 else v[idx] for k, v in data.items()}
 
 
 def _cosine_lr(opt: torch.optim.Optimizer, total: int, warmup: int):
@@ -232,8 +236,34 @@ def lora_model(state: dict[str, torch.Tensor], tok, mspec: ModelSpec, uspec: Use
     return get_peft_model(base, config)
 
 
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 def _forward(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return model(**_inputs(batch)).logits
+
+
+def _head_inputs(model, batch: dict[str, torch.Tensor]):
+    """The LM head's input and weights for ``fused_loss`` (``fused_head``); never the logits
+    path in its place: a demo run that asked for the fused losses must have run them."""
+    from safegrad_kernels.integrations.fused_head import hidden_states_and_head
+
+    head = hidden_states_and_head(model, _inputs(batch))
+    if head is None:
+        raise RuntimeError("fused_loss: the demo model's LM head is not reachable (logged why)")
+    return head
+
+
+def _check_options(alignment_batch_size, reference_top_k, fused_loss) -> None:
+    for name, value in (("alignment_batch_size", alignment_batch_size),
+                        ("reference_top_k", reference_top_k)):  # fmt: skip
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not isinstance(fused_loss, bool):
+        raise TypeError(f"fused_loss must be a bool, got {type(fused_loss).__name__}")
 
 
 def user_stage(
@@ -247,6 +277,9 @@ def user_stage(
     harmful_ratio: float,
     seed: int,
     alignment_every: int = 1,
+    alignment_batch_size: int | None = None,
+    reference_top_k: int | None = None,
+    fused_loss: bool = False,
     progress: Callable[[int], None] | None = None,
     paired_batches: bool = False,
 ) -> tuple[torch.nn.Module, RunLog]:
@@ -258,7 +291,16 @@ def user_stage(
     ``alignment_every``: SafeGrad's refresh period k (the registry's setting; the other
     methods ignore it): the safety batch is drawn and its gradient computed on steps
     0, 1, k, 2k, ... only (``SafeGrad.refresh_due``).
+
+    The other step-cost options of ``SafeGradTrainer``, so that the study can measure what
+    they cost in safety: ``alignment_batch_size`` safety examples a step (default the
+    task batch size, at most the pool); ``reference_top_k``: the reference kept as a
+    top-k ``ReferenceStore`` (the top k log-probabilities of each response position and
+    the tail mass) instead of the exact logits; ``fused_loss``: the task cross-entropy
+    and the KL computed from the LM head's input (``fused_losses``), the reference from
+    an exact (fp32) store unless ``reference_top_k``.
     """
+    _check_options(alignment_batch_size, reference_top_k, fused_loss)
     spec = registry.get_method(method)
     settings = {
         "spf_rank": uspec.spf_rank,
@@ -270,8 +312,14 @@ def user_stage(
         settings[name] = weight
     settings = spec.validate(**settings)
     from safegrad_kernels import dot_norms
+    from safegrad_kernels.fused_losses import (
+        fused_linear_cross_entropy,
+        fused_linear_kl,
+        kl_from_reference,
+    )
     from safegrad_kernels.integrations.peft import lora_parameters
     from safegrad_kernels.losses import kl_alignment_loss
+    from safegrad_kernels.reference_store import ReferenceStore
 
     model = lora_model(state, tok, mspec, uspec, seed)
     params = list(lora_parameters(model))
@@ -286,8 +334,18 @@ def user_stage(
     # P_ref never changes, so its logits on the (fixed) safety pool are computed once,
     # through the same PeftModel with the adapter disabled: no second model copy, and
     # one forward per step saved against recomputing them every step as the paper does.
-    with model.disable_adapter(), torch.no_grad():
-        safety["ref_logits"] = _forward(model, safety)
+    store = None
+    if reference_top_k is None and not fused_loss:
+        with model.disable_adapter(), torch.no_grad():
+            safety["ref_logits"] = _forward(model, safety)
+    else:  # the trainer's cache_reference: a store built once, before the first step
+        safety["index"] = torch.arange(safety["input_ids"].shape[0])
+        with model.disable_adapter():
+            store = ReferenceStore.build(
+                lambda batch: _forward(model, batch),
+                [(safety["index"].tolist(), safety)],
+                top_k=reference_top_k,
+            )
 
     gen = torch.Generator().manual_seed(seed)
     user_batches = _batches(user, uspec.batch_size, gen)
@@ -297,17 +355,29 @@ def user_stage(
     # The default keeps the demo's published numbers reproducible.
     safety_gen = torch.Generator().manual_seed(seed + 20_000) if paired_batches else gen
     # ---
-    safety_batches = _batches(safety, min(uspec.batch_size, uspec.safety_samples), safety_gen)
+    safety_batch = min(alignment_batch_size or uspec.batch_size, uspec.safety_samples)
+    safety_batches = _batches(safety, safety_batch, safety_gen)
     steps = uspec.epochs * (uspec.samples // uspec.batch_size)
     opt = torch.optim.AdamW(params, lr=uspec.lr, weight_decay=0.0)
 
+    def task_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if fused_loss:
+            hidden, weight, bias = _head_inputs(model, batch)
+            return fused_linear_cross_entropy(hidden, weight, batch["labels"], bias=bias)
+        return response_ce(_forward(model, batch), batch["labels"])
+
     def kl_loss() -> torch.Tensor:
         sb = next(safety_batches)
-        return kl_alignment_loss(_forward(model, sb), sb["ref_logits"], sb["labels"])
+        if store is None:
+            return kl_alignment_loss(_forward(model, sb), sb["ref_logits"], sb["labels"])
+        ref = store.get(sb["index"].tolist(), labels=sb["labels"])
+        if fused_loss:
+            hidden, weight, bias = _head_inputs(model, sb)
+            return fused_linear_kl(hidden, weight, sb["labels"], ref, bias=bias)
+        return kl_from_reference(_forward(model, sb), ref, sb["labels"])
 
     def safety_ce() -> torch.Tensor:
-        sb = next(safety_batches)
-        return response_ce(_forward(model, sb), sb["labels"])
+        return task_loss(next(safety_batches))
 
     # SPF's safety loss is cross-entropy on the refusals (the registry's default for it):
     # its subspace is taken from the safety gradient itself, and the KL gradient is zero
@@ -322,17 +392,19 @@ def user_stage(
     surgeon = spec.build_surgeon(params, settings)
 
     log = RunLog()
+    if store is not None and store.top_k is not None:
+        log.tail_mass = (store.tail_mass_max, store.tail_mass_mean)
     model.train()
     start = time.perf_counter()
     for _ in range(steps):
         ub = next(user_batches)
         opt.zero_grad(set_to_none=True)
         if not spec.needs_alignment:
-            response_ce(_forward(model, ub), ub["labels"]).backward()
+            task_loss(ub).backward()
         elif surgeon is None:  # the safety loss is added to the task loss (mixed)
             # g_u and lambda*g_a are formed separately only to record their conflict;
             # the update is their sum, exactly the gradient of task + lambda * KL.
-            response_ce(_forward(model, ub), ub["labels"]).backward()
+            task_loss(ub).backward()
             g_u = [p.grad.clone() for p in params]
             opt.zero_grad(set_to_none=True)
             weighted_safety_loss().backward()
@@ -348,7 +420,7 @@ def user_stage(
                 with surgeon.reference():
                     weighted_safety_loss().backward()
                 log.alignment_passes += 1
-            response_ce(_forward(model, ub), ub["labels"]).backward()
+            task_loss(ub).backward()
             t0 = time.perf_counter()
             stats = surgeon.step()
             log.surgery_seconds += time.perf_counter() - t0

@@ -22,6 +22,12 @@ HS versus ``alignment_every`` (the step-cost option): SafeGrad at its default rh
 alignment gradient refreshed every k = 2, 4, 8 steps at p = 0.1, 0.3, 0.5 on the same seeds,
 beside the grid's k = 1 run (90 runs more; ``--alignment-every 1`` leaves the sweep out).
 
+HS versus the other step-cost options (issue 13), each alone against the default recipe at
+the same rho, p = 0.1, 0.3, 0.5 and seeds (150 runs more; ``--cost-options none`` leaves
+them out): ``ab=4`` / ``ab=8`` a quarter / half of the task batch as the alignment batch
+(``alignment_batch_size``), ``topk=8`` / ``topk=64`` the reference kept as a top-k store
+(``reference_top_k``), ``fused`` the fused linear losses (``fused_loss``, exact fp32 store).
+
 Cost of the grid (660 runs: sft + 5 weights each of mixed and safegrad, 6 ratios,
 10 seeds), from full-recipe runs of this code measured here (2026-12-01, seed 0, p = 0.1
 and 0.9, ``--jobs 1``, load average 7-8 on the 2 cores): CPU seconds per run (training +
@@ -68,6 +74,13 @@ DEFAULT_REFRESH = (1, 2, 4, 8)
 DEFAULT_REFRESH_RATIOS = (0.1, 0.3, 0.5)
 QUICK_REFRESH = (1, 4)
 QUICK_REFRESH_RATIOS = (0.3,)
+# HS versus the other step-cost options, each ``name=value`` (or a bare flag) one run per
+# (p, seed) beside the grid's run at the same rho; OPTIONS maps a name to user_stage's keyword.
+OPTIONS = {"ab": "alignment_batch_size", "topk": "reference_top_k", "fused": "fused_loss"}
+DEFAULT_COST_OPTIONS = ("ab=4", "ab=8", "topk=8", "topk=64", "fused")
+DEFAULT_COST_RATIOS = (0.1, 0.3, 0.5)
+QUICK_COST_OPTIONS = ("ab=4", "topk=8", "fused")
+QUICK_COST_RATIOS = (0.3,)
 DEFAULT_OUT = Path("docs/study")
 QUICK_OUT = Path("safegrad_study_quick")
 
@@ -81,6 +94,53 @@ class StudyRun:
     harmful_ratio: float
     seed: int
     alignment_every: int | None = None  # SafeGrad's refresh period; None: every step (k = 1)
+    alignment_batch_size: int | None = None  # None: the task batch size
+    reference_top_k: int | None = None  # None: the exact reference logits
+    fused_loss: bool = False
+
+    def settings(self) -> dict:
+        """The options this run sets away from the recipe (user_stage keywords)."""
+        return option_settings(asdict(self))
+
+    @property
+    def option(self) -> str:
+        """``option_label`` of this run."""
+        return option_label(asdict(self))
+
+
+def option_settings(entry: dict) -> dict:
+    """The step-cost options a run (or a cached entry of one) sets away from the default."""
+    names = ("alignment_every", *OPTIONS.values())
+    return {n: entry[n] for n in names if entry.get(n) not in (None, False)}
+
+
+def option_label(entry: dict) -> str:
+    """``"default"``, or the run's one non-default option other than k as ``parse_option``
+    reads it (``"ab=4"``, ``"topk=64"``, ``"fused"``); several are joined by ``+``."""
+    names = {keyword: name for name, keyword in OPTIONS.items()}
+    settings = option_settings(entry)
+    settings.pop("alignment_every", None)
+    parts = [names[n] if v is True else f"{names[n]}={v}" for n, v in settings.items()]
+    return "+".join(parts) or "default"
+
+
+def parse_option(text: str) -> dict:
+    """``"ab=4"`` -> ``{"alignment_batch_size": 4}``, ``"fused"`` -> ``{"fused_loss": True}``."""
+    name, sep, value = text.strip().partition("=")
+    if name not in OPTIONS:
+        raise ValueError(f"unknown option {name!r} (expected one of {', '.join(OPTIONS)})")
+    keyword = OPTIONS[name]
+    if name == "fused":
+        if sep:
+            raise ValueError(f"{name!r} takes no value, got {text!r}")
+        return {keyword: True}
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} needs an integer >= 1 (e.g. {name}=4), got {text!r}")
+    return {keyword: number}
 
 
 @dataclass(frozen=True)
@@ -100,7 +160,9 @@ class Design:
     quick: bool = False
     refresh: tuple[int, ...] = ()  # alignment_every values k (1 included: the baseline)
     refresh_ratios: tuple[float, ...] = ()
-    refresh_rho: float = 1.0
+    refresh_rho: float = 1.0  # SafeGrad's registry default: the rho of both option sweeps
+    cost_options: tuple[str, ...] = ()  # parse_option labels
+    cost_ratios: tuple[float, ...] = ()
 
     def refresh_runs(self, seed: int) -> list[StudyRun]:
         """SafeGrad at ``refresh_rho`` for each k; k = 1 is the grid's run (same key)."""
@@ -110,6 +172,17 @@ class Design:
             StudyRun(SUBJECT, self.refresh_rho, p, seed, None if k == 1 else k)
             for p in self.refresh_ratios
             for k in self.refresh
+        ]
+
+    def cost_runs(self, seed: int) -> list[StudyRun]:
+        """SafeGrad at ``refresh_rho`` with each option, and without (the grid's run)."""
+        if SUBJECT not in self.methods or not self.cost_options:
+            return []
+        variants = [{}, *(parse_option(o) for o in self.cost_options)]
+        return [
+            StudyRun(SUBJECT, self.refresh_rho, p, seed, **settings)
+            for p in self.cost_ratios
+            for settings in variants
         ]
 
     def configs(self) -> list[tuple[str, float | None]]:
@@ -128,8 +201,8 @@ class Design:
         runs = []
         for seed in self.seeds:
             runs += [StudyRun(m, w, p, seed) for p in self.ratios for m, w in self.configs()]
-            runs += self.refresh_runs(seed)
-        return list(dict.fromkeys(runs))  # a k = 1 refresh run may be a grid run
+            runs += self.refresh_runs(seed) + self.cost_runs(seed)
+        return list(dict.fromkeys(runs))  # a sweep's default run may be a grid run
 
     def pairs(self) -> list[tuple[str, str]]:
         """The compared method pairs: the question first, then each method against sft."""
@@ -167,6 +240,9 @@ def design_from(args: argparse.Namespace) -> Design:
     refresh = list(args.alignment_every or (QUICK_REFRESH if quick else DEFAULT_REFRESH))
     if refresh == [1]:
         refresh = ()  # only the grid's k = 1: no sweep
+    options = getattr(args, "cost_options", None)
+    if options is None:
+        options = QUICK_COST_OPTIONS if quick else DEFAULT_COST_OPTIONS
     return Design(
         methods=tuple(args.methods or DEFAULT_METHODS),
         ratios=tuple(args.ratios or (QUICK_RATIOS if quick else DEFAULT_RATIOS)),
@@ -184,6 +260,11 @@ def design_from(args: argparse.Namespace) -> Design:
             args.refresh_ratios or (QUICK_REFRESH_RATIOS if quick else DEFAULT_REFRESH_RATIOS)
         ),
         refresh_rho=float(get_method(SUBJECT).defaults["rho"]),
+        cost_options=tuple(options),
+        cost_ratios=tuple(
+            getattr(args, "cost_ratios", None)
+            or (QUICK_COST_RATIOS if quick else DEFAULT_COST_RATIOS)
+        ),
     )
 
 
@@ -204,7 +285,6 @@ def run_inputs(design: Design, run: StudyRun, env: dict, aligned: str) -> dict:
     from ..model import WORLD_VERSION
     from ..train import swept
 
-    refresh = {} if run.alignment_every is None else {"alignment_every": run.alignment_every}
     return {
         "env": env,
         "world_version": WORLD_VERSION,
@@ -218,7 +298,7 @@ def run_inputs(design: Design, run: StudyRun, env: dict, aligned: str) -> dict:
         "weight": None if run.weight is None else float(run.weight),
         "harmful_ratio": float(run.harmful_ratio),
         "seed": int(run.seed),
-        **refresh,  # absent for k = 1, so the grid's runs keep their keys
+        **run.settings(),  # only what differs from the recipe (k = 1 and defaults: absent)
     }
 
 
@@ -257,7 +337,8 @@ def _train_one(run: StudyRun) -> dict:
     model, log = train.user_stage(
         w["state"], w["tok"], w["mspec"], w["uspec"], method=run.method,
         weight=run.weight or 0.0, harmful_ratio=run.harmful_ratio, seed=run.seed,
-        alignment_every=run.alignment_every or 1, paired_batches=True,
+        alignment_every=run.alignment_every or 1, alignment_batch_size=run.alignment_batch_size,
+        reference_top_k=run.reference_top_k, fused_loss=run.fused_loss, paired_batches=True,
     )  # fmt: skip
     metrics = evaluate.evaluate(model, w["tok"], w["evals"])
     return {
@@ -367,6 +448,21 @@ def _periods(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cost_options(text: str) -> list[str]:
+    """``--cost-options``: comma-separated ``parse_option`` labels, or ``none``."""
+    if text.strip() == "none":
+        return []
+    labels = [t.strip() for t in text.split(",") if t.strip()]
+    if not labels:
+        raise argparse.ArgumentTypeError(
+            f"expected options such as ab=4,topk=64,fused, got {text!r}"
+        )
+    try:
+        return [option_label(parse_option(t)) for t in labels]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .. import _floats, _ints, _methods
 
@@ -397,6 +493,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{','.join(f'{p:g}' for p in DEFAULT_REFRESH_RATIOS)})",
     )  # fmt: skip
     parser.add_argument(
+        "--cost-options", type=_cost_options, default=None, metavar="OPTION,...",
+        help="SafeGrad step-cost options run at its default rho, each alone: ab=N "
+        "(alignment batch), topk=K (top-k reference store), fused (fused losses); default "
+        f"{','.join(DEFAULT_COST_OPTIONS)}; none: no sweep",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cost-ratios", type=_floats, default=None,
+        help="harmful ratios of the options sweep (default "
+        f"{','.join(f'{p:g}' for p in DEFAULT_COST_RATIOS)})",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, default=None,
         help=f"report folder (default {DEFAULT_OUT}; with --quick {QUICK_OUT})",
     )  # fmt: skip
@@ -425,9 +532,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _command(args: argparse.Namespace, out: Path) -> str:
     parts = ["safegrad", "study"]
-    for flag in ("methods", "ratios", "seeds", "rho", "lam", "alignment_every", "refresh_ratios"):
-        value = getattr(args, flag)
-        if value is not None:
+    flags = ("methods", "ratios", "seeds", "rho", "lam", "alignment_every", "refresh_ratios")
+    for flag in (*flags, "cost_options", "cost_ratios"):
+        value = getattr(args, flag, None)
+        if value == [] and flag == "cost_options":
+            parts += ["--cost-options", "none"]
+        elif value is not None:
             parts += [
                 "--" + flag.replace("_", "-"),
                 ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value),
@@ -522,18 +632,24 @@ def run(args: argparse.Namespace) -> dict:
         entries = {r: e for r, k in keyed if (e := store.load(k)) is not None}
 
     missing = [r for r, _ in keyed if r not in entries]
-    grid = [e for r, e in entries.items() if r.alignment_every is None]
+    grid = [e for r, e in entries.items() if not r.settings()]
     analysis = stats.analyse(grid, design.configs(), design.ratios, design.pairs())
-    refresh = None
+    subject = {
+        r: e for r, e in entries.items() if (r.method, r.weight) == (SUBJECT, design.refresh_rho)
+    }
+    refresh = options = None
     if design.refresh:
         refresh = stats.refresh_analysis(
-            [
-                e
-                for r, e in entries.items()
-                if (r.method, r.weight) == (SUBJECT, design.refresh_rho)
-            ],
+            [e for r, e in subject.items() if r.option == "default"],
             design.refresh,
             design.refresh_ratios,
+        )
+    if design.cost_options:
+        options = stats.options_analysis(
+            [e for r, e in subject.items() if r.alignment_every is None],
+            option_label,
+            design.cost_options,
+            design.cost_ratios,
         )
     results = {
         "meta": _meta(args, out, design, time.perf_counter() - started)
@@ -543,8 +659,11 @@ def run(args: argparse.Namespace) -> dict:
         "design": design.to_dict(),
         "aligned": None if aligned_entry is None else aligned_entry["metrics"],
         "analysis": analysis,
-        "conclusion": report.conclusion(analysis) + report.refresh_conclusion(refresh),
+        "conclusion": report.conclusion(analysis)
+        + report.refresh_conclusion(refresh)
+        + report.options_conclusion(options),
         "alignment_every": refresh,
+        "cost_options": options,
         "full_command": FULL_COMMAND,
         "runs": [
             {k: v for k, v in e.items() if k not in ("metrics",)}

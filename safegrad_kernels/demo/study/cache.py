@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 # Bump when the study's run function (``study._train_one``) changes what it records.
-STUDY_VERSION = 1
+STUDY_VERSION = 2
 
 # The modules that decide a run's numbers (imported by name, fingerprinted by source).
 TRAINING_MODULES = (
@@ -42,6 +42,9 @@ TRAINING_MODULES = (
     "safegrad_kernels.demo.train",
     "safegrad_kernels.demo.evaluate",
     "safegrad_kernels.losses",
+    "safegrad_kernels.fused_losses",
+    "safegrad_kernels.reference_store",
+    "safegrad_kernels.integrations.fused_head",
     "safegrad_kernels.surgery.base",
     "safegrad_kernels.surgery.methods",
     "safegrad_kernels.surgery.safegrad",

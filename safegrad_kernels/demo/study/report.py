@@ -288,6 +288,96 @@ def refresh_conclusion(refresh: dict | None) -> list[str]:
     ]
 
 
+OPTION_WORDS = {
+    "ab": "an alignment batch of {}",
+    "topk": "a top-{} reference store",
+    "fused": "the fused linear losses",
+}
+
+
+def option_words(label: str) -> str:
+    """``"ab=4"`` -> ``"an alignment batch of 4 (...)"`` (``study.parse_option`` labels)."""
+    name, _, value = label.partition("=")
+    return OPTION_WORDS.get(name, label).format(value)
+
+
+def options_conclusion(options: dict | None) -> list[str]:
+    """One sentence per step-cost option (``stats.options_analysis``) on HS and FA."""
+    if not options or not options["ratios"]:
+        return []
+    rows = [(r["p"], row) for r in options["ratios"] for row in r["rows"]]
+    if not [row for _, row in rows if row.get("verdict") in TESTED]:
+        return ["HS versus the step-cost options has no interval yet (one seed)."]
+    ps = _ps(r["p"] for r in options["ratios"])
+    sentences = []
+    for option in options["options"]:
+        mine = [(p, row) for p, row in rows if row["option"] == option]
+        if not mine:
+            continue
+        worst_p, worst = max(mine, key=lambda t: t[1]["d_hs"]["hi"])
+        higher, lower = options["hs_higher_at"][option], options["fa_lower_at"][option]
+        safer = [p for p, row in mine if row["verdict"] == "lower"]
+        hs = (
+            f"HS significantly higher at p = {_ps(higher)}"
+            if higher
+            else f"HS significantly higher at no p in {{{ps}}} (largest upper bound "
+            f"{_pts(worst['d_hs']['hi'])} points, p = {worst_p:g})"
+        )
+        if safer:
+            hs += f", significantly lower at p = {_ps(safer)}"
+        fa = f"FA significantly lower at p = {_ps(lower)}" if lower else "FA lower at no p"
+        sentences.append(
+            f"`{option}` ({option_words(option)}) against the default recipe: {hs}; {fa}."
+        )
+    return sentences
+
+
+def options_section(options: dict | None, design: dict) -> list[str]:
+    if not options:
+        return ["Not run (`--cost-options none`).", ""]
+    lines = [
+        f"SafeGrad at rho = {design['refresh_rho']:g} with one step-cost option changed, "
+        "beside the grid's run of the default recipe (alignment batch = task batch = "
+        f"{design['user']['batch_size']}, exact reference logits, logits-path losses) on the same "
+        "paired seeds. `ab=N`: N safety examples a step; `topk=K`: the reference kept as "
+        "its top K log-probabilities per response token plus the tail mass (a "
+        "`ReferenceStore`; the KL loses the tail's shape, see `reference_store`); `fused`: "
+        "task CE and KL from the LM head's input with an exact fp32 store (equal to the "
+        "logits path up to rounding). Δ: paired difference to the default.",
+        "",
+    ]
+    for option, tail in options.get("tail_mass", {}).items():
+        if tail is not None:
+            lines += [
+                f"- `{option}`: reference mass outside the stored top k, over its runs' "
+                f"stores: at most {tail[0]:.3f}, mean {tail[1]:.3f} (the KL error bound of "
+                "`reference_store` is made of it; for comparison, the alignment stage's label "
+                f"smoothing of {design['align']['label_smoothing']:g} spreads that share of its "
+                "target uniformly over the vocabulary)."
+            ]
+    if any(t is not None for t in options.get("tail_mass", {}).values()):
+        lines += [""]
+    for r in options["ratios"]:
+        rows = [
+            [
+                row["option"],
+                est_text(row["hs"]),
+                est_text(row["fa"]),
+                "-" if "d_hs" not in row else diff_text(row["d_hs"]),
+                "-" if "d_fa" not in row else diff_text(row["d_fa"]),
+                "-" if "verdict" not in row else VERDICT_WORDS[row["verdict"]],
+                "-" if "fa_verdict" not in row else VERDICT_WORDS[row["fa_verdict"]],
+            ]
+            for row in r["rows"]
+        ]
+        lines += [f"p = {r['p']:g}, {len(r['seeds'])} paired seeds.", ""]
+        head = ["option", "HS %", "FA %", "Δ HS", "Δ FA", "HS vs default", "FA vs default"]
+        lines += _table(head, rows)
+        lines += [""]
+    lines += [" ".join(options_conclusion(options)) or "No complete seeds yet.", ""]
+    return lines
+
+
 def refresh_section(refresh: dict | None, design: dict) -> list[str]:
     if not refresh:
         return ["Not run (`--alignment-every 1`: no sweep).", ""]
@@ -387,6 +477,15 @@ def markdown(results: dict) -> str:
                 f"k = {_ps(design['refresh'])}, p = {_ps(design['refresh_ratios'])}, same seeds."
             ]
             if design.get("refresh")
+            else []
+        ),
+        *(
+            [
+                f"- HS versus the step-cost options: safegrad at rho {design['refresh_rho']:g}, "
+                f"{', '.join(design['cost_options'])} each alone, "
+                f"p = {_ps(design['cost_ratios'])}, same seeds."
+            ]
+            if design.get("cost_options")
             else []
         ),
         "- Paired: a seed fixes the user data draw, the safety-set draw, the LoRA",
@@ -541,6 +640,8 @@ def markdown(results: dict) -> str:
         lines += ["Not available: it needs two positive harmful ratios with complete runs."]
     lines += ["", "## HS versus alignment_every", ""]
     lines += refresh_section(results["alignment_every"], design)
+    lines += ["## HS versus the step-cost options", ""]
+    lines += options_section(results.get("cost_options"), design)
     lines += ["## Cost", ""]
     lines += _table(
         ["method", "runs measured", "wall s / run", "CPU s / run"],

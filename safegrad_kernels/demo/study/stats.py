@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -448,51 +448,105 @@ def analyse(
     return out
 
 
-# --- HS versus alignment_every -----------------------------------------------------
+# --- HS versus SafeGrad's step-cost options ---------------------------------------
+
+
+def variant_analysis(
+    entries: Iterable[dict],
+    variant_of: Callable[[dict], Hashable],
+    variants: Sequence[Hashable],
+    base: Hashable,
+    ratios: Sequence[float],
+    name: str,
+) -> list[dict]:
+    """One method at one weight in several variants (``variant_of(entry)``), per p: HS and
+    FA with intervals, and each variant's paired differences to ``base``.
+
+    Per p the seeds are those with a run of every variant (the pairing needs all). Returns
+    ``[{"p", "seeds", "rows": [{name: variant, "hs", "fa"[, "d_hs", "d_fa", "verdict",
+    "fa_verdict"]}]}]``, the base first.
+    """
+    table: dict[tuple[float, Hashable, int], dict] = {}
+    for e in entries:
+        table[(e["harmful_ratio"], variant_of(e), e["seed"])] = e["metrics"]
+    keys = [base, *(v for v in variants if v != base)]
+    out = []
+    for p in ratios:
+        per_key = [{s for (q, v, s) in table if (q, v) == (p, key)} for key in keys]
+        seeds = sorted(set.intersection(*per_key))
+        if not seeds:
+            continue
+        idx = resample_indices(len(seeds))
+        hs, fa = (
+            {key: np.array([table[(p, key, s)][field] for s in seeds]) for key in keys}
+            for field in ("harmful_score", "finetune_accuracy")
+        )
+        rows = []
+        for key in keys:
+            row = {name: key, "hs": mean_interval(hs[key], idx), "fa": mean_interval(fa[key], idx)}
+            if key != base:
+                row["d_hs"] = paired_difference(hs[key], hs[base], idx)
+                row["d_fa"] = paired_difference(fa[key], fa[base], idx)
+                row["verdict"] = verdict(row["d_hs"])
+                row["fa_verdict"] = verdict(row["d_fa"])
+            rows.append(row)
+        out.append({"p": p, "seeds": seeds, "rows": rows})
+    return out
 
 
 def refresh_analysis(
     entries: Iterable[dict], refresh: Sequence[int], ratios: Sequence[float]
 ) -> dict:
-    """One method at one weight, per p and refresh period k: HS and FA with intervals, and
-    the paired differences to k = 1 (an entry's ``alignment_every`` None means k = 1).
+    """``variant_analysis`` over SafeGrad's refresh period k (an entry's ``alignment_every``
+    None means k = 1), against k = 1.
 
-    Per p the seeds are those with a run for every k (the pairing needs all). ``degrades_from``:
-    the smallest k whose HS is significantly higher than k = 1's at some p (None if none);
-    ``task_degrades_from``: the same for FA significantly lower (a lower HS there may only
-    mean the fine-tuning broke down, not a safer model).
+    ``degrades_from``: the smallest k whose HS is significantly higher than k = 1's at some
+    p (None if none); ``task_degrades_from``: the same for FA significantly lower (a lower
+    HS there may only mean the fine-tuning broke down, not a safer model).
     """
-    table: dict[tuple[float, int, int], dict] = {}
-    for e in entries:
-        k = e.get("alignment_every") or 1
-        table[(e["harmful_ratio"], k, e["seed"])] = e["metrics"]
     ks = sorted(set(refresh) | {1})
-    out: dict = {"ks": ks, "ratios": [], "degrades_from": None, "task_degrades_from": None}
+    per_p = variant_analysis(entries, lambda e: e.get("alignment_every") or 1, ks, 1, ratios, "k")
+    rows = [row for r in per_p for row in r["rows"] if row["k"] != 1]
+    higher = [row["k"] for row in rows if row["verdict"] == "higher"]
+    lower = [row["k"] for row in rows if row["fa_verdict"] == "lower"]
+    return {
+        "ks": ks,
+        "ratios": per_p,
+        "degrades_from": min(higher, default=None),
+        "task_degrades_from": min(lower, default=None),
+    }
 
-    def first(key: str, k: int) -> None:
-        if out[key] is None or k < out[key]:
-            out[key] = k
 
-    for p in ratios:
-        per_k = [{s for (q, kk, s) in table if (q, kk) == (p, k)} for k in ks]
-        seeds = sorted(set.intersection(*per_k))
-        if not seeds:
-            continue
-        idx = resample_indices(len(seeds))
-        hs = {k: np.array([table[(p, k, s)]["harmful_score"] for s in seeds]) for k in ks}
-        fa = {k: np.array([table[(p, k, s)]["finetune_accuracy"] for s in seeds]) for k in ks}
-        rows = []
-        for k in ks:
-            row = {"k": k, "hs": mean_interval(hs[k], idx), "fa": mean_interval(fa[k], idx)}
-            if k != 1:
-                row["d_hs"] = paired_difference(hs[k], hs[1], idx)
-                row["d_fa"] = paired_difference(fa[k], fa[1], idx)
-                row["verdict"] = verdict(row["d_hs"])
-                row["fa_verdict"] = verdict(row["d_fa"])
-                if row["verdict"] == "higher":
-                    first("degrades_from", k)
-                if row["fa_verdict"] == "lower":
-                    first("task_degrades_from", k)
-            rows.append(row)
-        out["ratios"].append({"p": p, "seeds": seeds, "rows": rows})
+def options_analysis(
+    entries: Iterable[dict],
+    option_of: Callable[[dict], str],
+    options: Sequence[str],
+    ratios: Sequence[float],
+) -> dict:
+    """``variant_analysis`` over SafeGrad's other step-cost options, each against the
+    default recipe (``"default"``), with the ratios where each raised HS or lowered FA
+    significantly; ``tail_mass``: a top-k store's reference mass outside the top k over
+    its runs (largest, mean of the runs' means; from each run's log), None for the others."""
+    entries = list(entries)
+    per_p = variant_analysis(entries, option_of, options, "default", ratios, "option")
+    out: dict = {
+        "options": list(options),
+        "ratios": per_p,
+        "hs_higher_at": {},
+        "fa_lower_at": {},
+        "tail_mass": {},
+    }
+    for option in options:
+        tails = [
+            e["log"]["reference_tail_mass"]
+            for e in entries
+            if option_of(e) == option and e.get("log", {}).get("reference_tail_mass")
+        ]
+        out["tail_mass"][option] = (
+            [max(t[0] for t in tails), statistics.fmean(t[1] for t in tails)] if tails else None
+        )
+    for option in options:
+        rows = [(r["p"], row) for r in per_p for row in r["rows"] if row["option"] == option]
+        out["hs_higher_at"][option] = [p for p, row in rows if row["verdict"] == "higher"]
+        out["fa_lower_at"][option] = [p for p, row in rows if row["fa_verdict"] == "lower"]
     return out
