@@ -59,6 +59,9 @@ CHANGES = {
     "ratio": lambda d, r, e: (d, dataclasses.replace(r, harmful_ratio=0.7), e),
     "seed": lambda d, r, e: (d, dataclasses.replace(r, seed=8), e),
     "alignment_every": lambda d, r, e: (d, dataclasses.replace(r, alignment_every=4), e),
+    "alignment batch": lambda d, r, e: (d, dataclasses.replace(r, alignment_batch_size=4), e),
+    "reference top-k": lambda d, r, e: (d, dataclasses.replace(r, reference_top_k=64), e),
+    "fused loss": lambda d, r, e: (d, dataclasses.replace(r, fused_loss=True), e),
     "torch version": lambda d, r, e: (d, r, {**e, "torch": "0.0.1"}),
     "package version": lambda d, r, e: (d, r, {**e, "package": "9.9.9"}),
     "threads": lambda d, r, e: (d, r, {**e, "threads": 2}),
@@ -383,23 +386,108 @@ def test_refresh_analysis_pairs_only_complete_seeds():
     assert seeds == {0.1: list(range(10)), 0.5: [s for s in range(10) if s != 3]}
 
 
-def test_full_design_adds_the_refresh_sweep_once():
+def test_full_design_adds_each_sweep_once():
     design = study.design_from(_args())
     assert design.refresh == (1, 2, 4, 8) and design.refresh_ratios == (0.1, 0.3, 0.5)
+    assert design.cost_options == study.DEFAULT_COST_OPTIONS
+    assert design.cost_ratios == (0.1, 0.3, 0.5)
     runs = design.runs()
-    assert len(runs) == len(set(runs)) == 60 + 300 + 300 + 3 * 3 * 10  # k = 1 is a grid run
+    # the grid, then k = 2, 4, 8 and five options at 3 ratios x 10 seeds (their default
+    # recipe and k = 1 are grid runs)
+    assert len(runs) == len(set(runs)) == 60 + 300 + 300 + 3 * 3 * 10 + 5 * 3 * 10
     assert design.refresh_rho in design.rho  # so k = 1 is the grid's own run
     assert not study.design_from(_args("--alignment-every", "1")).refresh_runs(0)
+    assert not study.design_from(_args("--cost-options", "none")).cost_runs(0)
+    options = {r.option for r in runs if r.method == "safegrad" and r.alignment_every is None}
+    assert options == {"default", *study.DEFAULT_COST_OPTIONS}
     with pytest.raises(SystemExit):
         _args("--alignment-every", "0,2")
 
 
-def test_grid_keys_do_not_depend_on_the_refresh_field():
+@pytest.mark.parametrize(
+    "text, settings",
+    [
+        ("ab=4", {"alignment_batch_size": 4}),
+        ("ab=04", {"alignment_batch_size": 4}),
+        ("topk=64", {"reference_top_k": 64}),
+        ("fused", {"fused_loss": True}),
+    ],
+)
+def test_parse_option_and_its_label(text, settings):
+    assert study.parse_option(text) == settings
+    run = study.StudyRun("safegrad", 1.0, 0.3, 0, **settings)
+    assert run.settings() == settings
+    assert study.parse_option(run.option) == settings  # the label reads back
+    assert study.StudyRun("safegrad", 1.0, 0.3, 0).option == "default"
+
+
+@pytest.mark.parametrize("text", ["ab", "ab=0", "ab=x", "topk=-1", "fused=1", "lr=3", ","])
+def test_cost_options_refuse_bad_values(text, capsys):
+    with pytest.raises(SystemExit):
+        _args("--cost-options", text)
+    assert "--cost-options" in capsys.readouterr().err
+
+
+def test_grid_keys_do_not_depend_on_the_option_fields():
     run = study.StudyRun("safegrad", 1.0, 0.3, 0)
-    assert _key(run=run) == _key(run=dataclasses.replace(run, alignment_every=None))
-    assert "alignment_every" not in study.run_inputs(
+    same = dataclasses.replace(
+        run, alignment_every=None, alignment_batch_size=None, reference_top_k=None
+    )
+    assert _key(run=run) == _key(run=same)
+    inputs = study.run_inputs(
         study.design_from(_args("--quick")), run, cache.environment(threads=1), "x"
     )
+    assert not {"alignment_every", "alignment_batch_size", "reference_top_k", "fused_loss"} & set(
+        inputs
+    )
+
+
+def _option_entries(hs_of, fa_of) -> list[dict]:
+    rng = random.Random(0)
+    out = []
+    for option in ("default", "ab=4", "topk=8"):
+        settings = {} if option == "default" else study.parse_option(option)
+        for p in (0.1, 0.5):
+            for s in range(10):
+                hs = min(max(0.3 + hs_of(option, p) + rng.uniform(-0.02, 0.02), 0.0), 1.0)
+                fa = fa_of(option, p) + rng.uniform(-0.02, 0.02)
+                tail = [0.15, 0.11] if option == "topk=8" else None
+                run = study.StudyRun("safegrad", 1.0, p, s, **settings)
+                out.append(
+                    dataclasses.asdict(run)
+                    | {"metrics": {"harmful_score": hs, "finetune_accuracy": fa}}
+                    | {"log": {"reference_tail_mass": tail}}
+                )
+    return out
+
+
+def test_options_analysis_names_each_option_that_costs_safety():
+    def hs(option, p):  # a quarter alignment batch leaks 20 points more at p = 0.5
+        return 0.2 if (option, p) == ("ab=4", 0.5) else 0.0
+
+    def fa(option, p):
+        return 0.6 if option == "topk=8" else 0.9
+
+    options = ("ab=4", "topk=8")
+    an = stats.options_analysis(
+        _option_entries(hs, fa), study.option_label, options, (0.1, 0.5, 0.9)
+    )
+    assert [r["p"] for r in an["ratios"]] == [0.1, 0.5]  # no runs at 0.9
+    assert [row["option"] for row in an["ratios"][0]["rows"]] == ["default", *options]
+    assert an["hs_higher_at"] == {"ab=4": [0.5], "topk=8": []}
+    assert an["fa_lower_at"] == {"ab=4": [], "topk=8": [0.1, 0.5]}
+    assert (
+        an["tail_mass"]["topk=8"] == pytest.approx([0.15, 0.11]) and an["tail_mass"]["ab=4"] is None
+    )
+    text = " ".join(report.options_conclusion(an))
+    assert "`ab=4` (an alignment batch of 4) against the default recipe: HS significantly " \
+        "higher at p = 0.5; FA lower at no p." in text  # fmt: skip
+    assert "`topk=8` (a top-8 reference store)" in text
+    assert "FA significantly lower at p = 0.1, 0.5" in text
+    design = {"refresh_rho": 1.0, "user": {"batch_size": 16}, "align": {"label_smoothing": 0.1}}
+    section = "\n".join(report.options_section(an, design))
+    assert "at most 0.150, mean 0.110" in section and "| ab=4 |" in section
+    assert "Not run" in report.options_section(None, design)[0]
 
 
 # --- the design's pairing ----------------------------------------------------------
@@ -482,8 +570,9 @@ def quick_study(tmp_path_factory):
 
 def test_quick_study_end_to_end(quick_study):
     _, out, results = quick_study
-    # configs x p x seeds, plus SafeGrad at k = 4 (k = 1 is the grid's run) x 1 p x seeds
-    assert results["meta"]["trained"] == len(results["runs"]) == 3 * 2 * 2 + 2
+    # configs x p x seeds, plus SafeGrad at k = 4 (k = 1 is the grid's run) x 1 p x seeds,
+    # plus its three options x 1 p x seeds
+    assert results["meta"]["trained"] == len(results["runs"]) == 3 * 2 * 2 + 2 + 3 * 2
     assert results["meta"]["missing"] == 0
     refreshed = [r for r in results["runs"] if r["alignment_every"] == 4]
     assert len(refreshed) == 2 and {r["harmful_ratio"] for r in refreshed} == {0.3}
@@ -508,7 +597,20 @@ def test_quick_study_end_to_end(quick_study):
     assert "--quick run" in text and study.FULL_COMMAND in text
     assert " ".join(on_disk["conclusion"]) in text
     assert "## HS versus alignment_every" in text and "| 4 |" in text
-    assert "alignment gradient only every k-th step" in on_disk["conclusion"][-1]
+    assert any("alignment gradient only every k-th step" in c for c in on_disk["conclusion"])
+    options = on_disk["cost_options"]
+    assert options["options"] == list(study.QUICK_COST_OPTIONS)
+    assert [row["option"] for row in options["ratios"][0]["rows"]] == [
+        "default",
+        "ab=4",
+        "topk=8",
+        "fused",
+    ]
+    assert options["tail_mass"]["topk=8"][0] > 0 and options["tail_mass"]["fused"] is None
+    assert "## HS versus the step-cost options" in text and "| topk=8 |" in text
+    assert on_disk["conclusion"][-1].startswith("`fused` (the fused linear losses)")
+    for r in results["runs"]:  # each option reached its run: the store's tail mass is logged
+        assert (r["log"]["reference_tail_mass"] is not None) == (r["reference_top_k"] is not None)
     for name in ("pareto.png", "hs_vs_p.png", "hs_vs_k.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -527,11 +629,11 @@ def test_second_invocation_reuses_the_cache(quick_study, monkeypatch, tmp_path):
         again = study.run(
             _args("--quick", "--out", str(tmp_path / "again"), "--no-progress", *extra)
         )
-        assert again["meta"]["trained"] == 0 and again["meta"]["reused"] == 14
+        assert again["meta"]["trained"] == 0 and again["meta"]["reused"] == 20
         assert _same(again["analysis"], first["analysis"])
     # A fresh cache (another machine) continues from the committed results.json.
     fresh = study.run(_args("--quick", "--out", str(out), "--cache-dir", str(tmp_path / "fresh")))
-    assert fresh["meta"]["seeded_from_results"] == 14 and fresh["meta"]["trained"] == 0
+    assert fresh["meta"]["seeded_from_results"] == 20 and fresh["meta"]["trained"] == 0
     assert fresh["aligned"] == first["aligned"] and _same(fresh["analysis"], first["analysis"])
 
 
