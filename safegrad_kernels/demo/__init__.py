@@ -67,6 +67,16 @@ _floats = _comma_list(float, "numbers")
 _ints = _comma_list(int, "integers")
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def _methods(text: str) -> list[str]:
     from .train import METHODS
 
@@ -100,6 +110,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SafeGrad alignment refresh periods to compare (e.g. 1,2,4,8): safegrad runs "
         "once per k on the same seeds, and the report gives HS/FA per k (default: k=1 only)",
     )
+    parser.add_argument(
+        "--alignment-batch-size", type=_positive, default=None, metavar="N",
+        help="safety examples per step in every run (default: the task batch, 16)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reference-top-k", type=_positive, default=None, metavar="K",
+        help="keep the reference as a top-K store (the trainer's reference_top_k) in every run",
+    )  # fmt: skip
+    parser.add_argument(
+        "--fused-loss", action="store_true",
+        help="task CE and KL from the LM head's input (fused_losses) in every run",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path("safegrad_demo_out"), help="output folder")
     parser.add_argument("--quick", action="store_true", help="~1 minute smoke run (CI)")
     parser.add_argument(
@@ -139,6 +161,13 @@ def _settings(args: argparse.Namespace) -> dict:
         refresh = [HYPERPARAMETERS["alignment_every"].validate(k) for k in refresh]
         if not refresh:
             raise ValueError("--alignment-every needs at least one k")
+    # SafeGrad's other step-cost options, the same in every run (``safegrad study`` sweeps
+    # them one at a time against the default recipe); user_stage checks the values.
+    options = {
+        "alignment_batch_size": getattr(args, "alignment_batch_size", None),
+        "reference_top_k": getattr(args, "reference_top_k", None),
+        "fused_loss": bool(getattr(args, "fused_loss", False)),
+    }
     return {
         "methods": args.methods or list(METHODS),
         "ratios": args.ratios or (_floats(QUICK["ratios"]) if quick else [0.0, 0.1, 0.2, 0.3, 0.5]),
@@ -147,6 +176,7 @@ def _settings(args: argparse.Namespace) -> dict:
         "lam": args.lam or weights,
         # None: no refresh sweep (every method at its default, labels without k).
         "alignment_every": refresh,
+        "options": options,
         "model": mspec,
         "align": aspec,
         "user": uspec,
@@ -235,6 +265,7 @@ def run(args: argparse.Namespace) -> dict:
             model, log = user_stage(
                 state, tok, s["model"], uspec, method=method, weight=weight or 0.0,
                 harmful_ratio=p, seed=seed, alignment_every=k or 1, progress=bar.update,
+                **s["options"],
             )  # fmt: skip
             metrics = evaluate.evaluate(model, tok, evals)
             runs.append(
@@ -279,7 +310,10 @@ def _command(args: argparse.Namespace) -> str:
                 f"--{flag.replace('_', '-')}",
                 ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value),
             ]
-    for flag in ("quick", "no_cache", "safety_covers_poison"):
+    for flag in ("alignment_batch_size", "reference_top_k"):
+        if getattr(args, flag, None) is not None:
+            parts += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    for flag in ("quick", "no_cache", "safety_covers_poison", "fused_loss"):
         if getattr(args, flag, False):
             parts.append("--" + flag.replace("_", "-"))
     if args.threads != 1:

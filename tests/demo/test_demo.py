@@ -283,3 +283,38 @@ def test_demo_refresh_sweep_quick(tmp_path, monkeypatch):
     assert "## Alignment refresh" in text and "| 3 |" in text
     assert "--alignment-every 1,3" in results["meta"]["command"]
     assert results["meta"]["settings"]["alignment_every"] == [1, 3]
+
+
+# --- SafeGrad's other step-cost options (--alignment-batch-size, --reference-top-k, ...) ---
+
+
+def test_demo_runs_every_run_with_the_step_cost_options(tmp_path, monkeypatch):
+    from safegrad_kernels.demo import add_arguments, run
+
+    monkeypatch.setenv("SAFEGRAD_CACHE", str(tmp_path / "cache"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "out"
+    flags = ["--alignment-batch-size", "4", "--reference-top-k", "8", "--fused-loss"]
+    quick = ["--quick", "--methods", "safegrad", "--ratios", "0.3", "--out", str(out)]
+    args = parser.parse_args([*quick, "--no-progress", *flags])
+    results = run(args)
+    assert results["meta"]["command"].endswith(
+        " ".join([*flags[:4], "--quick", "--fused-loss"]) + f" --out {out}"
+    )
+    (r,) = results["runs"]
+    assert r["reference_tail_mass"] is not None and r["reference_tail_mass"][1] > 0
+    assert r["conflict_share"] is not None
+    assert "--reference-top-k 8" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("flag", ["--alignment-batch-size", "--reference-top-k"])
+@pytest.mark.parametrize("value", ["0", "-2", "x"])
+def test_demo_refuses_bad_option_values(flag, value, capsys):
+    from safegrad_kernels.demo import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args([flag, value])
+    assert "expected an integer >= 1" in capsys.readouterr().err
