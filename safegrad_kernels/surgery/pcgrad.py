@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..ops.pcgrad import pcgrad_with_gram_, register_generator
-from .base import Surgeon, check_backend
+from .base import FlatBuffers, Surgeon, check_backend, install_views
 from .safegrad import check_op_dtypes
 from .stats import PCGradStats, safe_div
 
@@ -42,6 +42,13 @@ class PCGrad(Surgeon):
             global generator on the parameters' device). ``torch.compile(step,
             fullgraph=True)`` draws the same orders from it as eager ``step()``.
         backend: op backend (``None`` = auto, or ``"triton"``, ``"cpp"``, ``"torch"``).
+        flat_grads: keep every objective's gradients in flat per-dtype buffers owned by
+            the surgeon, ``p.grad`` as views of objective 0's (as ``SafeGrad``'s option: the
+            ops see one tensor per dtype, whatever the parameter count; dense, non-sharded
+            tensors only). Use ``surgeon.zero_grad()`` or
+            ``optimizer.zero_grad(set_to_none=False)`` to keep the views in place; a
+            replaced view is copied back at the step. An objective with no gradient at
+            all counts as zero, and nothing is touched when no objective has one.
 
     Missing gradients: for a tensor that has a gradient from some objectives but not
     others, the missing ones count as zero (a zero buffer is allocated for that tensor
@@ -55,6 +62,7 @@ class PCGrad(Surgeon):
         num_objectives: int,
         generator: torch.Generator | None = None,
         backend: str | None = None,
+        flat_grads: bool = False,
     ) -> None:
         if isinstance(num_objectives, bool) or not isinstance(num_objectives, int):
             raise TypeError(f"num_objectives must be an int, got {type(num_objectives).__name__}")
@@ -67,8 +75,9 @@ class PCGrad(Surgeon):
         if generator is not None:
             register_generator(generator)  # so that a compiled step() can draw from it
         self.backend = check_backend(backend)
-        super().__init__(params, num_slots=num_objectives - 1)
+        super().__init__(params, num_slots=num_objectives - 1, flat_grads=flat_grads)
         check_op_dtypes(self.params)
+        self._zeros: FlatBuffers | None = None  # flat mode: an objective with no gradient
 
     def objective(self, j: int) -> AbstractContextManager[None]:
         """Context whose backward passes accumulate into objective ``j``'s gradient.
@@ -96,6 +105,8 @@ class PCGrad(Surgeon):
         the eager orders there.
         """
         self._check_idle("step()")
+        if self.flat_grads:
+            return self._flat_step(order)
         m = self.num_objectives
         extra = [self._peek(s) for s in range(m - 1)]
         lists: list[list[Tensor]] = [[] for _ in range(m)]
@@ -123,6 +134,32 @@ class PCGrad(Surgeon):
             p.grad = g
         for s in range(m - 1):
             self._take(s)
+        return self._stats(weights, gm)
+
+    def _flat_step(self, order: Tensor | None) -> PCGradStats:
+        """``step()`` on the flat buffers: one tensor per dtype per objective reaches the op."""
+        m = self.num_objectives
+        extra = [self._flats_of(self._peek(s)) for s in range(m - 1)]
+        task, found = self._flat_task()
+        if not found and all(e is None for e in extra):  # no gradient at all: untouched
+            weights = torch.ones(m, dtype=torch.float32, device=self.device)
+            return self._stats(weights, torch.zeros(m, m, dtype=torch.float32, device=self.device))
+        if not found:  # the aggregate needs somewhere to go: the views, zeroed
+            assert self._task is not None
+            self._task.zero_()
+            install_views(self.params, self._task.views)
+        if any(e is None for e in extra) and self._zeros is None:
+            self._zeros = FlatBuffers(self.params)
+        lists = [task, *(self._zeros.flats if e is None else e for e in extra)]  # type: ignore[union-attr]
+        weights, gm = pcgrad_with_gram_(
+            lists, order=order, generator=self.generator, backend=self.backend
+        )
+        for s in range(m - 1):  # after the op: a validation error keeps the captures
+            self._take(s)
+        return self._stats(weights, gm)
+
+    @staticmethod
+    def _stats(weights: Tensor, gm: Tensor) -> PCGradStats:
         nrm = gm.diagonal().clamp_min(0).sqrt()
         cosine = safe_div(gm, nrm[:, None] * nrm[None, :])
         return PCGradStats(gram=gm, weights=weights, cosine=cosine, conflict=gm < 0)

@@ -263,3 +263,110 @@ def test_a_parameter_of_another_shape_is_refused_not_broadcast():
     backward_into(params, [torch.ones(1), -torch.ones(4)])
     with pytest.raises(RuntimeError, match="same size"):
         surgeon.step()
+
+
+# --- PCGrad(flat_grads=True) ---------------------------------------------------------
+
+
+def pcgrad_run(flat, params, steps, *, m, zero, backend, missing=()):
+    """``steps`` PCGrad steps over ``m`` objectives with fixed orders; objectives in
+    ``missing`` get no backward at all. Returns the task gradients and Gram matrices."""
+    from safegrad_kernels.surgery import PCGrad
+
+    surgeon = PCGrad(params, num_objectives=m, flat_grads=flat, backend=backend)
+    grads, grams = [], []
+    for step in range(steps):
+        gen = torch.Generator().manual_seed(100 + step)
+        base = [torch.randn(p.shape, generator=gen) for p in params]
+        for j in range(m):
+            if j in missing:
+                continue
+            # odd objectives lean against the even ones: every step has a conflict
+            sign = 0.8 if j % 2 == 0 else -0.8
+            values = [sign * b + 0.5 * torch.randn(b.shape, generator=gen) for b in base]
+            if j == 0:
+                backward_into(params, values)
+            else:
+                with surgeon.objective(j):
+                    backward_into(params, values)
+        order = torch.stack([torch.randperm(m, generator=gen) for _ in range(m)])
+        stats = surgeon.step(order=order)
+        grads.append([None if p.grad is None else p.grad.detach().clone() for p in params])
+        grams.append(stats.gram.clone())
+        if flat:
+            zero(surgeon, params)
+        else:
+            zero_none(surgeon, params)
+    return surgeon, grads, grams
+
+
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize("zero", [zero_surgeon, zero_in_place, zero_none])
+@pytest.mark.parametrize("m", [2, 3])
+def test_flat_pcgrad_equals_the_default_surgeon(device, backend, zero, m):
+    ref = make_params(device=device)
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    _, want, want_gram = pcgrad_run(False, ref, 3, m=m, zero=zero, backend=backend)
+    surgeon, got, got_gram = pcgrad_run(True, mine, 3, m=m, zero=zero, backend=backend)
+    for a, b in zip(got, want):
+        assert_close(a, b, mine)
+    for a, b in zip(got_gram, want_gram):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
+        assert (a < 0).any()  # the objectives conflict: the surgery acted
+    if zero is not zero_none:  # the views stayed in place
+        assert all(p.grad is v for p, v in zip(mine, surgeon._task.views))
+
+
+@pytest.mark.parametrize("missing", [(1,), (0,), (0, 2)])
+def test_flat_pcgrad_counts_a_missing_objective_as_zero(missing):
+    ref = make_params()
+    mine = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+    _, want, _ = pcgrad_run(False, ref, 2, m=3, zero=zero_none, backend="torch", missing=missing)
+    _, got, _ = pcgrad_run(True, mine, 2, m=3, zero=zero_none, backend="torch", missing=missing)
+    for a, b in zip(got, want):
+        assert_close([x if x is not None else torch.zeros(p.shape, dtype=p.dtype) for x, p in zip(a, mine)],
+                     [x if x is not None else torch.zeros(p.shape, dtype=p.dtype) for x, p in zip(b, ref)],
+                     mine)  # fmt: skip
+
+
+def test_flat_pcgrad_without_any_gradient_touches_nothing():
+    from safegrad_kernels.surgery import PCGrad
+
+    params = make_params()
+    surgeon = PCGrad(params, num_objectives=3, flat_grads=True)
+    for p in params:
+        p.grad = None
+    stats = surgeon.step()
+    assert all(p.grad is None for p in params)
+    assert stats.weights.tolist() == [1.0, 1.0, 1.0] and not stats.gram.any()
+
+
+def test_flat_pcgrad_bad_order_keeps_the_captures():
+    from safegrad_kernels.surgery import PCGrad
+
+    params = make_params()
+    surgeon = PCGrad(params, num_objectives=2, flat_grads=True)
+    backward_into(params, conflicting(params, 0)[0])
+    with surgeon.objective(1):
+        backward_into(params, conflicting(params, 0)[1])
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(ValueError):
+        surgeon.step(order=torch.tensor([[0, 0], [1, 1]]))
+    assert surgeon.has_captured(0)
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+
+
+def test_flat_pcgrad_step_never_syncs(forbid_host_sync):
+    from safegrad_kernels.surgery import PCGrad
+
+    params = make_params()
+    surgeon = PCGrad(params, num_objectives=3, flat_grads=True, generator=torch.Generator())
+    for j in range(3):
+        values = conflicting(params, j)[j % 2]
+        if j == 0:
+            backward_into(params, values)
+        else:
+            with surgeon.objective(j):
+                backward_into(params, values)
+    with forbid_host_sync():
+        surgeon.step()
