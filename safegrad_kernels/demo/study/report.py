@@ -345,6 +345,15 @@ def options_section(options: dict | None, design: dict) -> list[str]:
         "task CE and KL from the LM head's input with an exact fp32 store (equal to the "
         "logits path up to rounding). Δ: paired difference to the default.",
         "",
+        "Two things to read the table with. A stored reference (`topk`, `fused`) makes "
+        "step 0's KL gradient rounding noise (~1e-8) instead of the default's exact zero, "
+        "and SafeGrad projects the task gradient off that noise when their dot product is "
+        "negative, so even the exact `fused` runs differ from the default by more than "
+        "rounding after 150 steps. And the intervals are per comparison: of the "
+        f"{2 * len(options['options']) * len(options['ratios'])} comparisons below (HS and FA), "
+        f"about {0.05 * 2 * len(options['options']) * len(options['ratios']):.1f} would "
+        "exclude 0 by chance alone if no option changed anything.",
+        "",
     ]
     for option, tail in options.get("tail_mass", {}).items():
         if tail is not None:
