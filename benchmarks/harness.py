@@ -21,7 +21,6 @@ import contextlib
 import csv
 import datetime as _dt
 import os
-import platform
 import statistics
 import subprocess
 import time
@@ -30,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from safegrad_kernels.environment import cpu_model
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -200,16 +201,6 @@ def measure_bandwidth(device: torch.device, *, megabytes: int = 512, repeats: in
 # --------------------------------------------------------------------------- provenance
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git_commit() -> str:
     try:
         out = subprocess.run(
@@ -250,7 +241,7 @@ def provenance(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         machine = torch.cuda.get_device_name(device)
     else:
-        machine = _cpu_model()
+        machine = cpu_model()
     return {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": git_commit(),

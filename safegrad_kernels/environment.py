@@ -12,9 +12,30 @@ from typing import Any
 
 from . import compat
 
-__all__ = ["collect_info"]
+__all__ = ["collect_info", "cpu_model", "machine_line"]
 
 _VERSIONED = ("torch", "triton", "transformers", "peft", "accelerate", "numpy")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows.
+
+    Results recorded on CPUs of two vendors can differ beyond rounding (their math
+    libraries sum in other orders, and training amplifies it), so reports name it.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """``"Intel(R) Xeon(R) Processor, x86_64 Linux, 2 CPUs"``: what the demo and study record."""
+    return f"{cpu_model()}, {platform.machine()} {platform.system()}, {os.cpu_count()} CPUs"
 
 
 def _version(dist: str) -> str | None:

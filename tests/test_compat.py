@@ -224,3 +224,24 @@ def test_info_warns_when_a_framework_is_outside_its_range(monkeypatch, capsys):
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "torch" in warnings[0] and ">=99.1" in warnings[0]
+
+
+def test_machine_line_names_the_cpu_model(monkeypatch, tmp_path):
+    import builtins
+    import os
+
+    from safegrad_kernels import environment
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some Vendor CPU 9000\nflags\t: x\n")
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(cpuinfo if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert environment.cpu_model() == "Some Vendor CPU 9000"
+    assert environment.machine_line().startswith("Some Vendor CPU 9000, ")
+    assert environment.machine_line().endswith(f", {os.cpu_count()} CPUs")
+    cpuinfo.unlink()  # no /proc/cpuinfo: platform's answer, never an error
+    assert environment.cpu_model()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import time
 from collections.abc import Callable
@@ -327,11 +326,13 @@ def _meta(args: argparse.Namespace, s: dict, runtime: float, cpu: float) -> dict
     import torch
     import transformers
 
+    from .. import environment
+
     settings = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in s.items()}
     return {
         "command": _command(args),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
+        "machine": environment.machine_line(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import time
 from dataclasses import asdict, dataclass, replace
@@ -741,12 +740,14 @@ def _meta(args: argparse.Namespace, out: Path, design: Design, runtime: float) -
     import torch
     import transformers
 
+    from ... import environment
+
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         "command": _command(args, out),
         "commit": _commit(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
+        "machine": environment.machine_line(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
