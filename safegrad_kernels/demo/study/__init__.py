@@ -413,16 +413,6 @@ def train_pending(
 # --- command line ------------------------------------------------------------------
 
 
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -463,7 +453,7 @@ def _cost_options(text: str) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .. import _floats, _ints, _methods
+    from .. import _floats, _ints, _methods, _positive
 
     parser.add_argument(
         "--methods", type=_methods, default=None,
@@ -510,10 +500,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="tiny model, 2 seeds, 2 ratios, 1 weight"
     )
     parser.add_argument(
-        "--jobs", type=_at_least_one, default=1, help="training runs in parallel processes"
+        "--jobs", type=_positive, default=1, help="training runs in parallel processes"
     )
     parser.add_argument(
-        "--threads", type=_at_least_one, default=1, help="torch threads per run (default 1)"
+        "--threads", type=_positive, default=1, help="torch threads per run (default 1)"
     )
     parser.add_argument(
         "--time-budget", type=_seconds, default=None, metavar="SECONDS",
