@@ -154,11 +154,21 @@ def test_torchjd_upgrad_through_our_gram_matches_torchjd(m):
     check_against_torchjd(params, make_upgrad, lambda seed: make_upgrad())
 
 
+# IMTL-G solves a linear system in the Gram matrix, which turns the fp32 rounding of any
+# Gram (ours or torch's, both ~1e-7 relative) into weight errors near 1e-6, so one draw's
+# error ratio to torchjd's own fp32 path is noisy: over 300 draws (2026-12-02) ours had a
+# median 7.6e-7 and max 3.1e-6, torchjd's fp32 path 9.4e-7 and 4.0e-6, and the 1e-6 floor
+# failed 4% of draws without any defect. Its floor is that path's worst case; a wrong
+# weight or a missed tensor errs by 1e-2 or more.
+FLOORS = {"IMTLG": 5e-6}
+
+
 @pytest.mark.parametrize("make_aggregator", [MGDA, IMTLG, TorchjdPCGrad], ids=lambda f: f.__name__)
 def test_other_torchjd_gramian_aggregators(make_aggregator):
     params = make_params()
     set_jacs(params, 3)
-    check_against_torchjd(params, make_aggregator, lambda seed: make_aggregator())
+    floor = FLOORS.get(make_aggregator.__name__, 1e-6)
+    check_against_torchjd(params, make_aggregator, lambda seed: make_aggregator(), floor=floor)
 
 
 def test_bare_torchjd_gramian_weighting_is_accepted():
