@@ -355,17 +355,17 @@ def options_section(options: dict | None, design: dict) -> list[str]:
         "exclude 0 by chance alone if no option changed anything.",
         "",
     ]
-    for option, tail in options.get("tail_mass", {}).items():
-        if tail is not None:
-            lines += [
-                f"- `{option}`: reference mass outside the stored top k, over its runs' "
-                f"stores: at most {tail[0]:.3f}, mean {tail[1]:.3f} (the KL error bound of "
-                "`reference_store` is made of it; for comparison, the alignment stage's label "
-                f"smoothing of {design['align']['label_smoothing']:g} spreads that share of its "
-                "target uniformly over the vocabulary)."
-            ]
-    if any(t is not None for t in options.get("tail_mass", {}).values()):
-        lines += [""]
+    smoothing = design["align"]["label_smoothing"]
+    tails = [
+        f"- `{option}`: reference mass outside the stored top k, over its runs' stores: at "
+        f"most {tail[0]:.3f}, mean {tail[1]:.3f} (the KL error bound of `reference_store` is "
+        f"made of it; for comparison, the alignment stage's label smoothing of {smoothing:g} "
+        "spreads that share of its target uniformly over the vocabulary)."
+        for option, tail in options.get("tail_mass", {}).items()
+        if tail is not None
+    ]
+    if tails:
+        lines += [*tails, ""]
     for r in options["ratios"]:
         rows = [
             [
