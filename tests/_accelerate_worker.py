@@ -71,3 +71,9 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    # End as `safegrad` does after a distributed run: a gloo thread can abort the
+    # interpreter's teardown (safegrad_kernels.cli.shutdown).
+    from safegrad_kernels.cli import shutdown
+
+    shutdown.end_process_group()
+    shutdown.exit_without_finalizing(0)

@@ -29,6 +29,7 @@ from . import demo as demo_command
 from . import eval as eval_command
 from . import example as example_command
 from . import info as info_command
+from . import shutdown
 from . import study as study_command
 from . import train as train_command
 from .args import BriefErrorParser, DefaultsFormatter
@@ -67,7 +68,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``safegrad`` console script; returns the exit code."""
     enable_offline_mode()  # before any command imports transformers / huggingface_hub
-    argv = list(sys.argv[1:] if argv is None else argv)
+    as_program = argv is None
+    code = _run(list(sys.argv[1:] if as_program else argv))
+    # Under torchrun the Trainer opened a process group in this process: close it; as the
+    # program, also skip the interpreter teardown that can abort a gloo rank (see shutdown).
+    if shutdown.end_process_group() and as_program:
+        shutdown.exit_without_finalizing(code)
+    return code
+
+
+def _run(argv: list[str]) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
     try:

@@ -236,15 +236,4 @@ def _add_optimisation_arguments(opt: Options) -> None:
 
 def run(args: argparse.Namespace) -> int:
     training_run.run(args)
-    _end_process_group()
     return 0
-
-
-def _end_process_group() -> None:
-    """Under torchrun the Trainer opened a process group that this process owns: close it
-    before exit, or gloo's threads can outlive the interpreter (seen on torch 2.10: a rank
-    aborting with "terminate called without an active exception" after a finished run)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
