@@ -66,12 +66,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``safegrad`` console script; returns the exit code."""
+    """Entry point of the ``safegrad`` console script; returns the exit code.
+
+    ``argv=None`` means this process is the program (the console script, ``python -m
+    safegrad_kernels``): a process group still open after the command (torchrun) is closed
+    and the process ends there with the code, skipping the interpreter's teardown
+    (``shutdown``). With an argv list the group is closed and the code returned.
+    """
     enable_offline_mode()  # before any command imports transformers / huggingface_hub
     as_program = argv is None
     code = _run(list(sys.argv[1:] if as_program else argv))
-    # Under torchrun the Trainer opened a process group in this process: close it; as the
-    # program, also skip the interpreter teardown that can abort a gloo rank (see shutdown).
     if shutdown.end_process_group() and as_program:
         shutdown.exit_without_finalizing(code)
     return code

@@ -18,6 +18,7 @@ import contextlib
 import os
 import sys
 import threading
+from typing import NoReturn
 
 
 def end_process_group() -> bool:
@@ -30,11 +31,11 @@ def end_process_group() -> bool:
     return True
 
 
-def exit_without_finalizing(code: int) -> None:
+def exit_without_finalizing(code: int) -> NoReturn:
     """End the process with ``code`` as a normal exit would, minus the interpreter's teardown."""
-    main = threading.main_thread()
+    main_thread = threading.main_thread()
     for thread in threading.enumerate():
-        if thread is not main and not thread.daemon:
+        if thread is not main_thread and not thread.daemon:
             thread.join()
     atexit._run_exitfuncs()  # CPython's own exit path runs these; os._exit would skip them
     for stream in (sys.stdout, sys.stderr):
