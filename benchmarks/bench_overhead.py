@@ -19,7 +19,9 @@ one buffer per dtype, ``p.grad`` are views: the op sees one tensor, the per-para
 work is an identity check). The target is judged on the flat step, the means issue 14
 names; the default step is printed beside it. For the flat layout the other per-step
 host work the surgeon adds is timed too: entering and leaving the ``reference()``
-context (two ``p.grad`` swaps per parameter, in both layouts) and ``zero_grad()``.
+context (two ``p.grad`` swaps per parameter, in both layouts) and ``zero_grad()``, and,
+beside SafeGrad's, the flat step of ``PCGrad(num_objectives=3, flat_grads=True)`` (one Gram
+pass and one combine pass over three flat buffers, plus drawing the visiting order).
 
 For the default layout it times each stage of the op pipeline on the same lists, so
 that the breakdown (validation, grouping, resolve, kernels, the op boundary) reads
@@ -42,7 +44,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from safegrad_kernels import SafeGrad
+from safegrad_kernels import PCGrad, SafeGrad
 from safegrad_kernels.ops import library, pipeline, validate
 from safegrad_kernels.ops.dispatch import resolve
 
@@ -89,10 +91,21 @@ def measure_flat(backend: str, n: int, repeats: int, device: str = "cpu") -> dic
         with surgeon.reference():
             pass
 
+    pcgrad = PCGrad(params, num_objectives=3, backend=backend, flat_grads=True)
+    for j in (1, 2):  # each objective's gradient in the surgeon's buffers
+        with pcgrad.objective(j):
+            for p in params:
+                p.grad.add_(torch.randn(NUMEL, generator=gen).to(device))
+
+    def pcgrad_step() -> None:
+        pcgrad._live[:] = [True, True]  # what the two objective() contexts leave
+        pcgrad.step()
+
     return {
         "flat step": median_us(step, repeats),
         "flat reference() ctx": median_us(capture, repeats),
         "flat zero_grad()": median_us(surgeon.zero_grad, repeats),
+        "pcgrad(3) flat step": median_us(pcgrad_step, repeats),
     }
 
 

@@ -239,7 +239,13 @@ def test_bench_overhead_times_both_layouts(capsys):
         (b, n) for b in ("cpp", "torch") for n in (3, 17)
     ]
     for row in rows:
-        for stage in ("step", "flat step", "flat reference() ctx", "flat zero_grad()"):
+        for stage in (
+            "step",
+            "flat step",
+            "flat reference() ctx",
+            "flat zero_grad()",
+            "pcgrad(3) flat step",
+        ):
             assert row[stage] > 0, stage
     out = capsys.readouterr().out
     assert "flat_grads step" in out and "default step" in out and "target" in out
