@@ -46,6 +46,7 @@ import argparse
 import os
 import shlex
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -437,6 +438,11 @@ def _periods(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _listed(values: Iterable[float]) -> str:
+    """Defaults in a help text as the flag takes them: ``0.1,0.3``."""
+    return ",".join(f"{v:g}" for v in values)
+
+
 def _cost_options(text: str) -> list[str]:
     """``--cost-options``: comma-separated ``parse_option`` labels, or ``none``."""
     if text.strip() == "none":
@@ -461,7 +467,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--ratios", type=_floats, default=None,
-        help=f"harmful ratios p (default {','.join(f'{p:g}' for p in DEFAULT_RATIOS)})",
+        help=f"harmful ratios p (default {_listed(DEFAULT_RATIOS)})",
     )  # fmt: skip
     parser.add_argument("--seeds", type=_ints, default=None, help="comma list (default 0,...,9)")
     weights = ",".join(f"{w:g}" for w in DEFAULT_WEIGHTS)
@@ -471,15 +477,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lam", type=_floats, default=None, help=f"mixed lambda values (default {weights})"
     )
-    refresh = ",".join(map(str, DEFAULT_REFRESH))
     parser.add_argument(
         "--alignment-every", type=_periods, default=None, metavar="K,...",
-        help=f"SafeGrad refresh periods swept at its default rho (default {refresh}; 1: none)",
+        help="SafeGrad refresh periods swept at its default rho (default "
+        f"{_listed(DEFAULT_REFRESH)}; 1: none)",
     )  # fmt: skip
     parser.add_argument(
         "--refresh-ratios", type=_floats, default=None,
         help="harmful ratios of the alignment_every sweep (default "
-        f"{','.join(f'{p:g}' for p in DEFAULT_REFRESH_RATIOS)})",
+        f"{_listed(DEFAULT_REFRESH_RATIOS)})",
     )  # fmt: skip
     parser.add_argument(
         "--cost-options", type=_cost_options, default=None, metavar="OPTION,...",
@@ -490,7 +496,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cost-ratios", type=_floats, default=None,
         help="harmful ratios of the options sweep (default "
-        f"{','.join(f'{p:g}' for p in DEFAULT_COST_RATIOS)})",
+        f"{_listed(DEFAULT_COST_RATIOS)})",
     )  # fmt: skip
     parser.add_argument(
         "--out", type=Path, default=None,

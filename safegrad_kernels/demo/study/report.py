@@ -366,23 +366,7 @@ def options_section(options: dict | None, design: dict) -> list[str]:
     ]
     if tails:
         lines += [*tails, ""]
-    for r in options["ratios"]:
-        rows = [
-            [
-                row["option"],
-                est_text(row["hs"]),
-                est_text(row["fa"]),
-                "-" if "d_hs" not in row else diff_text(row["d_hs"]),
-                "-" if "d_fa" not in row else diff_text(row["d_fa"]),
-                "-" if "verdict" not in row else VERDICT_WORDS[row["verdict"]],
-                "-" if "fa_verdict" not in row else VERDICT_WORDS[row["fa_verdict"]],
-            ]
-            for row in r["rows"]
-        ]
-        lines += [f"p = {r['p']:g}, {len(r['seeds'])} paired seeds.", ""]
-        head = ["option", "HS %", "FA %", "Δ HS", "Δ FA", "HS vs default", "FA vs default"]
-        lines += _table(head, rows)
-        lines += [""]
+    lines += _variant_tables(options["ratios"], "option", "default")
     lines += [" ".join(options_conclusion(options)) or "No complete seeds yet.", ""]
     return lines
 
@@ -397,26 +381,35 @@ def refresh_section(refresh: dict | None, design: dict) -> list[str]:
         "seeds. Δ: paired difference to k = 1.",
         "",
     ]
-    for r in refresh["ratios"]:
-        rows = [
-            [
-                str(row["k"]),
-                est_text(row["hs"]),
-                est_text(row["fa"]),
-                "-" if row["k"] == 1 else diff_text(row["d_hs"]),
-                "-" if row["k"] == 1 else diff_text(row["d_fa"]),
-                "-" if row["k"] == 1 else VERDICT_WORDS[row["verdict"]],
-                "-" if row["k"] == 1 else VERDICT_WORDS[row["fa_verdict"]],
-            ]
-            for row in r["rows"]
-        ]
-        lines += [f"p = {r['p']:g}, {len(r['seeds'])} paired seeds.", ""]
-        head = ["k", "HS %", "FA %", "Δ HS", "Δ FA", "HS vs k = 1", "FA vs k = 1"]
-        lines += _table(head, rows)
-        lines += [""]
+    lines += _variant_tables(refresh["ratios"], "k", "k = 1")
     lines += [" ".join(refresh_conclusion(refresh)) or "No complete seeds yet.", ""]
     if any(r["rows"] for r in refresh["ratios"]):
         lines += ["![HS versus alignment_every](hs_vs_k.png)", ""]
+    return lines
+
+
+def _variant_tables(per_p: list[dict], name: str, base: str) -> list[str]:
+    """A table per p of ``stats.variant_analysis`` rows; the base row has no Δ or verdict."""
+    lines = []
+    for r in per_p:
+        rows = [
+            [str(row[name]), est_text(row["hs"]), est_text(row["fa"])]
+            + (
+                ["-"] * 4
+                if "d_hs" not in row
+                else [
+                    diff_text(row["d_hs"]),
+                    diff_text(row["d_fa"]),
+                    VERDICT_WORDS[row["verdict"]],
+                    VERDICT_WORDS[row["fa_verdict"]],
+                ]
+            )
+            for row in r["rows"]
+        ]
+        lines += [f"p = {r['p']:g}, {len(r['seeds'])} paired seeds.", ""]
+        head = [name, "HS %", "FA %", "Δ HS", "Δ FA", f"HS vs {base}", f"FA vs {base}"]
+        lines += _table(head, rows)
+        lines += [""]
     return lines
 
 

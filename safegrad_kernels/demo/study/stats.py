@@ -545,7 +545,6 @@ def options_analysis(
         out["tail_mass"][option] = (
             [max(t[0] for t in tails), statistics.fmean(t[1] for t in tails)] if tails else None
         )
-    for option in options:
         rows = [(r["p"], row) for r in per_p for row in r["rows"] if row["option"] == option]
         out["hs_higher_at"][option] = [p for p, row in rows if row["verdict"] == "higher"]
         out["fa_lower_at"][option] = [p for p, row in rows if row["fa_verdict"] == "lower"]
